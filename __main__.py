@@ -1,0 +1,3 @@
+from pyllm.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""`pyllm info`: what a GGUF file holds, and what this CPU offers the kernels."""
+
+import argparse
+import math
+from collections import Counter
+
+
+def human(n: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.2f} {prefix}{unit}".strip() if prefix else f"{n:.0f} {unit}".strip()
+        n /= 1000
+
+
+def main(argv=None) -> int:
+    from pyllm.kernels.cpu import cpu_features
+    from pyllm.runtime.gguf_file import GGUFFile
+    from pyllm.runtime.llama import ARCHITECTURES
+    from pyllm.runtime.loader import bundled_model
+
+    p = argparse.ArgumentParser(prog="pyllm info", description="Describe a GGUF model file.")
+    p.add_argument("model", nargs="?", help="GGUF file (default: the bundled stories260K)")
+    args = p.parse_args(argv)
+
+    g = GGUFFile(args.model or bundled_model())
+    meta = g.metadata
+    arch = g.architecture or "?"
+    n_params = sum(math.prod(t.dims) for t in g.tensors.values())
+    size = sum(t.nbytes for t in g.tensors.values())
+    hist = Counter(t.qtype.name for t in g.tensors.values())
+
+    def get(key, default="-"):
+        return meta.get(f"{arch}.{key}", default)
+
+    rows = [
+        ("file", f"{g.path} (GGUF v{g.version})"),
+        ("name", meta.get("general.name", "-")),
+        ("architecture", arch + ("" if arch in ARCHITECTURES else "  (not supported for inference)")),
+        ("parameters", human(n_params)),
+        ("size", f"{human(size, 'B')} ({size * 8 / max(n_params, 1):.2f} bits per weight)"),
+        ("block types", ", ".join(f"{k}: {v}" for k, v in hist.most_common()) or "none (vocab only)"),
+        ("context", get("context_length")),
+        ("layers", get("block_count")),
+        ("embedding", get("embedding_length")),
+        ("heads (kv)", f"{get('attention.head_count')} ({get('attention.head_count_kv', get('attention.head_count'))})"),
+        ("rope base", get("rope.freq_base", 10000.0)),
+        ("tokenizer", f"{meta.get('tokenizer.ggml.model', '-')} ({len(meta.get('tokenizer.ggml.tokens', []))} tokens, pre={meta.get('tokenizer.ggml.pre', '-')})"),
+        ("chat template", "yes" if "tokenizer.chat_template" in meta else "no"),
+        ("license", meta.get("general.license", "-")),
+        ("cpu features", " ".join(sorted(f for f in cpu_features() if f.startswith(("avx", "fma", "f16c", "amx", "sse4", "neon", "sve"))))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,45 @@
+"""load() and load_tokenizer(): the two ways into a GGUF file."""
+
+from importlib import resources
+from pathlib import Path
+
+from pyllm.runtime.errors import PyllmError
+from pyllm.runtime.gguf_file import GGUFFile
+
+DEFAULT_MODEL = "stories260K.gguf"  # ships inside the package (MIT), see models/README.md
+DEFAULT_CTX = 4096  # llama.cpp's default; a model's own context may be smaller
+
+
+def bundled_model() -> Path:
+    return Path(str(resources.files("pyllm.models").joinpath(DEFAULT_MODEL)))
+
+
+def load_tokenizer(path):
+    """The tokenizer of a GGUF file (vocab-only files work too)."""
+    from pyllm.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_metadata(GGUFFile(path).metadata)
+
+
+def load(path=None, n_ctx: int | None = None, n_threads: int | None = None):
+    """Open a GGUF model for inference.
+
+    path: a .gguf file (None: the bundled stories260K). n_ctx: positions in the KV cache
+    (default min(4096, the model's context)). n_threads: kernel threads (default all cores).
+    """
+    from pyllm.kernels import set_threads
+    from pyllm.runtime.llama import Model
+    from pyllm.runtime.tokenizer import Tokenizer
+
+    gguf = GGUFFile(bundled_model() if path is None else path)
+    if not gguf.tensors:
+        raise PyllmError(f"{gguf.path}: has no tensors (a vocab-only file?); it can tokenize but not generate")
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    arch = gguf.architecture
+    train_ctx = int(gguf.metadata.get(f"{arch}.context_length", DEFAULT_CTX))
+    if n_ctx is None or n_ctx == 0:
+        n_ctx = min(DEFAULT_CTX, train_ctx)
+    if n_ctx < 1:
+        raise PyllmError(f"context size must be positive, got {n_ctx}")
+    set_threads(n_threads)
+    return Model.from_gguf(gguf, tokenizer, n_ctx)

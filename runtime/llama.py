@@ -259,9 +259,11 @@ class Model:
     def warmup(self):
         """Compile (or load from Numba's cache) the batch and the one-token kernels now,
         so that first-token latency measures the model, not the JIT."""
-        if self.n_ctx >= 3:
-            self.logits([0, 0])
-            self.eval([0])
+        from pyllm.kernels.matmul import BATCH_MIN
+
+        if self.n_ctx > BATCH_MIN:
+            self.logits([0] * BATCH_MIN)  # the batch kernels
+            self.eval([0])  # the one-token kernels
         self.reset()
         self.n_evaluated = 0
 

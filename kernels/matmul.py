@@ -115,15 +115,24 @@ def _dot_q2_k(row, f16, x, xs16):
         dmin = _f16(row, o + 82, f16)
         for h in range(2):
             for s in range(4):
-                for half in range(2):
-                    k = 8 * h + 2 * s + half  # 16-element sub-block
-                    sc = row[o + k]
-                    dl = d * np.float32(sc & 15)
-                    const -= dmin * np.float32(sc >> 4) * xs16[16 * b + k]
-                    for l in range(16):
-                        q = (row[o + 16 + 32 * h + 16 * half + l] >> (2 * s)) & 3
-                        acc[16 * half + l] += dl * (np.float32(q) * x[xo + 16 * k + l])
+                # elements e = 128h + 32s + l: bits 2s of qs[32h + l]; scale k = e // 16
+                k = 8 * h + 2 * s
+                sc0, sc1 = row[o + k], row[o + k + 1]
+                dl0, dl1 = d * np.float32(sc0 & 15), d * np.float32(sc1 & 15)
+                const -= dmin * (np.float32(sc0 >> 4) * xs16[16 * b + k] + np.float32(sc1 >> 4) * xs16[16 * b + k + 1])
+                qbase, xb = o + 16 + 32 * h, xo + 128 * h + 32 * s
+                for l in range(32):
+                    q = (row[qbase + l] >> (2 * s)) & 3
+                    dl = dl0 if l < 16 else dl1
+                    acc[l] += dl * (np.float32(q) * x[xb + l])
     return acc.sum() + const
+
+
+@njit(inline="always", fastmath=True)
+def _q3_scale(row, o, k):
+    lo = (row[o + 96 + k % 8] >> (4 * (k // 8))) & 15
+    hi = (row[o + 104 + k % 4] >> (2 * (k // 4))) & 3
+    return np.float32(np.int32(lo | (hi << 4)) - 32)
 
 
 @njit(inline="always", fastmath=True)
@@ -134,16 +143,15 @@ def _dot_q3_k(row, f16, x, xs16):
         d = _f16(row, o + 108, f16)
         for h in range(2):
             for s in range(4):
-                for half in range(2):
-                    k = 8 * h + 2 * s + half
-                    lo = (row[o + 96 + k % 8] >> (4 * (k // 8))) & 15
-                    hi = (row[o + 104 + k % 4] >> (2 * (k // 4))) & 3
-                    dl = d * np.float32(np.int32(lo | (hi << 4)) - 32)
-                    for l in range(16):
-                        ql = (row[o + 32 + 32 * h + 16 * half + l] >> (2 * s)) & 3
-                        hbit = (row[o + 16 * half + l] >> (4 * h + s)) & 1
-                        q = np.float32(np.int32(ql) - 4 + 4 * np.int32(hbit))
-                        acc[16 * half + l] += dl * (q * x[xo + 16 * k + l])
+                # elements e = 128h + 32s + l: bits 2s of qs[32h + l], minus 4 unless bit
+                # 4h + s of hmask[l] is set; scale k = e // 16
+                k = 8 * h + 2 * s
+                dl0, dl1 = d * _q3_scale(row, o, k), d * _q3_scale(row, o, k + 1)
+                qbase, xb, hshift = o + 32 + 32 * h, xo + 128 * h + 32 * s, 4 * h + s
+                for l in range(32):
+                    q = np.int32((row[qbase + l] >> (2 * s)) & 3) - 4 + 4 * np.int32((row[o + l] >> hshift) & 1)
+                    dl = dl0 if l < 16 else dl1
+                    acc[l] += dl * (np.float32(q) * x[xb + l])
     return acc.sum()
 
 
@@ -196,16 +204,18 @@ def _dot_q6_k(row, f16, x, xs16):
         d = _f16(row, o + 208, f16)
         for h in range(2):
             for s in range(4):
-                # elements e = 128h + 32s + l: low nibble (s // 2) of ql[64h + 32(s % 2) + l]
-                lbase, lshift = o + 64 * h + 32 * (s % 2), 4 * (s // 2)
-                for half in range(2):
-                    k = 8 * h + 2 * s + half
-                    dl = d * np.float32(np.int8(row[o + 192 + k]))
-                    const -= np.float32(32.0) * dl * xs16[16 * b + k]
-                    for l in range(16):
-                        i = 16 * half + l
-                        q = ((row[lbase + i] >> lshift) & 15) | (((row[o + 128 + 32 * h + i] >> (2 * s)) & 3) << 4)
-                        acc[i] += dl * (np.float32(q) * x[xo + 16 * k + l])
+                # elements e = 128h + 32s + l: low nibble (s // 2) of ql[64h + 32(s % 2) + l],
+                # top 2 bits at 2s of qh[32h + l]; scale k = e // 16 switches at l = 16.
+                lbase, lshift, hbase = o + 64 * h + 32 * (s % 2), 4 * (s // 2), o + 128 + 32 * h
+                k = 8 * h + 2 * s
+                dl0 = d * np.float32(np.int8(row[o + 192 + k]))
+                dl1 = d * np.float32(np.int8(row[o + 193 + k]))
+                const -= np.float32(32.0) * (dl0 * xs16[16 * b + k] + dl1 * xs16[16 * b + k + 1])
+                xb = xo + 128 * h + 32 * s
+                for l in range(32):
+                    q = ((row[lbase + l] >> lshift) & 15) | (((row[hbase + l] >> (2 * s)) & 3) << 4)
+                    dl = dl0 if l < 16 else dl1  # a select, so the loop still vectorises
+                    acc[l] += dl * (np.float32(q) * x[xb + l])
     return acc.sum() + const
 
 

@@ -86,6 +86,10 @@ def stream_generate(model, prompt, max_tokens: int = 256, stats: GenerationStats
     ids = prompt_ids(model, prompt)
     todo = model.reuse_prefix(ids)
     decoder = IncrementalDecoder(model.tokenizer)
+    if ids == [model.tokenizer.bos_id]:
+        # Text generated from BOS alone starts a document: like sentencepiece (and
+        # llama2.c), drop the space prefix of its first word.
+        decoder.add(ids[0])
     for token in generate_step(model, todo, sampler, max_tokens, stats, ignore_eos):
         piece = decoder.add(token)
         if piece:

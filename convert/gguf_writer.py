@@ -221,6 +221,9 @@ class GGUFWriter:
                 finally:
                     if bar:
                         bar.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a finished model is not
             os.replace(tmp, self.path)
         except OSError as e:
             _remove(tmp)

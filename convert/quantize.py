@@ -9,9 +9,9 @@ The type chosen for each tensor follows llama.cpp's src/llama-quant.cpp
   token_embd.weight when the model has no output.weight) gets Q6_K (Q8_0 stays Q8_0); attn_v,
   attn_output and ffn_down get more bits in the _M/_L mixes, following use_more_bits();
 - a K-quant whose row length is not a multiple of 256 falls back: Q4_K->Q5_0, Q5_K->Q5_1,
-  Q6_K->Q8_0, Q2_K->Q4_0, Q3_K->Q4_1 (llama.cpp now uses IQ4_NL for Q2_K/Q3_K, a type pyllm
-  does not have; Q4_0/Q4_1 are what llama.cpp used before IQ4_NL existed), and then F16 when
-  the row is not even a multiple of 32 (what convert_hf_to_gguf.py does on a QuantError).
+  Q6_K->Q8_0, Q2_K->Q4_0, Q3_K->Q4_0 (as llama.cpp's llama-quantize does: checked byte for
+  byte by tests/test_llamacpp_compat.py), and then F16 when the row is not even a multiple
+  of 32 (what convert_hf_to_gguf.py does on a QuantError).
 
 Tensors are processed in llama.cpp's order (non-layer tensors by name, then layer by layer,
 by name within a layer): the attn_v / ffn_down counters that drive the mixes depend on it.
@@ -148,7 +148,9 @@ def should_quantize(name: str, shape: tuple[int, ...], leave_output: bool = Fals
     return bool(q)
 
 
-_K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_1, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+# Rows not a multiple of 256: llama.cpp's tensor_type_fallback (src/llama-quant.cpp, as
+# vendored by llama-cpp-python 0.3.36, whose llama-quantize we compare against byte for byte).
+_K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
 
 def _fallback(new_type: GGMLType, cols: int) -> GGMLType:

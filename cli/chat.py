@@ -509,7 +509,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="pyllm chat", description="Chat with a model (default: SmolLM2-135M-Instruct, "
                                 "downloaded on first use). Type /help in the chat for its commands.")
-    add_model_args(p)
+    add_model_args(p, "SmolLM2-135M-Instruct, pulled on first use")
     add_sampling_args(p)
     p.add_argument("-sys", "--system", default=None, help="system prompt")
     p.add_argument("--chat-template", default=None, metavar="NAME|FILE",

@@ -11,8 +11,8 @@ from pathlib import Path
 from pyllm.runtime.errors import PyllmError
 
 
-def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("-m", "--model", help="GGUF model file (default: the bundled stories260K)")
+def add_model_args(p: argparse.ArgumentParser, default_model: str = "the bundled stories260K"):
+    p.add_argument("-m", "--model", help=f"GGUF model file (default: {default_model})")
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context size in tokens (0: min(4096, model's))")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)")
 

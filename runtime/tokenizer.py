@@ -136,6 +136,47 @@ def _split_regexes(text: str, patterns) -> list:
     return pieces
 
 
+def _merge(syms: list, priority) -> list:
+    """Merge adjacent symbols pair by pair, lowest priority(a, b) first (None: never),
+    leftmost first among equals; returns the symbols with merged-away slots as "".
+
+    A heap of candidate pairs over a linked list of symbols, as llama.cpp's tokenizers do:
+    a popped pair is stale when either side has since been merged into something else.
+    """
+    n = len(syms)
+    if n < 2:
+        return syms
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        key = priority(syms[i], syms[i + 1])
+        if key is not None:
+            heap.append((key, i, i + 1, syms[i] + syms[i + 1]))
+    heapq.heapify(heap)
+    while heap:
+        _, left, right, merged = heapq.heappop(heap)
+        a, b = syms[left], syms[right]
+        if not a or not b or nxt[left] != right or a + b != merged:
+            continue
+        syms[left], syms[right] = merged, ""
+        after = nxt[right]
+        nxt[left] = after
+        if after >= 0:
+            prv[after] = left
+        before = prv[left]
+        if before >= 0:
+            key = priority(syms[before], merged)
+            if key is not None:
+                heapq.heappush(heap, (key, before, left, syms[before] + merged))
+        if after >= 0:
+            key = priority(merged, syms[after])
+            if key is not None:
+                heapq.heappush(heap, (key, left, after, merged + syms[after]))
+    return syms
+
+
 class Tokenizer:
     """A GGUF vocabulary with encode/decode. Build it with Tokenizer.from_metadata(meta)."""
 
@@ -351,41 +392,12 @@ class Tokenizer:
 
     def _spm_word(self, text: str) -> tuple:
         scores = self._merge_score
-        syms = list(text)
-        n = len(syms)
-        if n > 1:
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            heap = []
-            for i in range(n - 1):
-                s = syms[i] + syms[i + 1]
-                sc = scores.get(s)
-                if sc is not None:
-                    heap.append((-sc, i, i + 1, s))
-            heapq.heapify(heap)
-            while heap:
-                _, left, right, s = heapq.heappop(heap)
-                ls, rs = syms[left], syms[right]
-                if not ls or not rs or nxt[left] != right or ls + rs != s:
-                    continue
-                syms[left] = s
-                syms[right] = ""
-                r2 = nxt[right]
-                nxt[left] = r2
-                if r2 >= 0:
-                    prv[r2] = left
-                p = prv[left]
-                if p >= 0:
-                    m = syms[p] + s
-                    sc = scores.get(m)
-                    if sc is not None:
-                        heapq.heappush(heap, (-sc, p, left, m))
-                if r2 >= 0:
-                    m = s + syms[r2]
-                    sc = scores.get(m)
-                    if sc is not None:
-                        heapq.heappush(heap, (-sc, left, r2, m))
+
+        def priority(a, b):  # the higher the merged token's score, the earlier
+            sc = scores.get(a + b)
+            return None if sc is None else -sc
+
+        syms = _merge(list(text), priority)
         ids = []
         t2i = self.token_to_id
         for s in syms:
@@ -419,39 +431,8 @@ class Tokenizer:
             i = t2i.get(mapped)
             if i is not None:
                 return (i,)
-        syms = list(mapped)
-        n = len(syms)
-        if n > 1:
-            ranks = self.ranks
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            heap = []
-            for i in range(n - 1):
-                r = ranks.get((syms[i], syms[i + 1]))
-                if r is not None:
-                    heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
-            heapq.heapify(heap)
-            while heap:
-                _, left, right, s = heapq.heappop(heap)
-                ls, rs = syms[left], syms[right]
-                if not ls or not rs or nxt[left] != right or ls + rs != s:
-                    continue
-                syms[left] = s
-                syms[right] = ""
-                r2 = nxt[right]
-                nxt[left] = r2
-                if r2 >= 0:
-                    prv[r2] = left
-                p = prv[left]
-                if p >= 0:
-                    r = ranks.get((syms[p], s))
-                    if r is not None:
-                        heapq.heappush(heap, (r, p, left, syms[p] + s))
-                if r2 >= 0:
-                    r = ranks.get((s, syms[r2]))
-                    if r is not None:
-                        heapq.heappush(heap, (r, left, r2, s + syms[r2]))
+        ranks = self.ranks
+        syms = _merge(list(mapped), lambda a, b: ranks.get((a, b)))
         ids = []
         for s in syms:
             if not s:

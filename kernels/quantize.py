@@ -331,10 +331,9 @@ def _make_qkx2(n, nmax, x, w, L, Laux, rmin, rdelta, nstep, use_mad):
 
 
 @_jit
-def _make_qx_rmse1(n, nmax, x, L):
-    """make_qx_quants with rmse_type 1 (weights x^2) and no importance: a symmetric scale
-    searched over 19 candidates; L[:n] = q + nmax. Returns the scale."""
-    nmaxf = F(nmax)
+def _signed_absmax(x, n):
+    """The largest |x[i]| of x[:n] and the signed value that has it (the first, on ties):
+    the K-quant searches scale by -nmax / that value, as ggml-quants.c does."""
     mx = F0
     amax = F0
     for i in range(n):
@@ -342,6 +341,15 @@ def _make_qx_rmse1(n, nmax, x, L):
         if ax > amax:
             amax = ax
             mx = x[i]
+    return amax, mx
+
+
+@_jit
+def _make_qx_rmse1(n, nmax, x, L):
+    """make_qx_quants with rmse_type 1 (weights x^2) and no importance: a symmetric scale
+    searched over 19 candidates; L[:n] = q + nmax. Returns the scale."""
+    nmaxf = F(nmax)
+    amax, mx = _signed_absmax(x, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
@@ -382,13 +390,7 @@ def _make_q3(n, nmax, x, L):
     """make_q3_quants with do_rmse: a symmetric scale refined element by element (up to 5
     passes) under weights x^2. L[:n] = q + nmax. Returns the scale."""
     nmaxf = F(nmax)
-    mx = F0
-    amax = F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx = _signed_absmax(x, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
@@ -654,13 +656,7 @@ def _blk_q6_k(x, b, f16, L, scales):
 @_jit
 def _blk_q8_k(x, b):
     # quantize_row_q8_K_ref. Layout: d:float32 qs:int8[256] bsums:int16[16].
-    mx = F0
-    amax = F0
-    for j in range(256):
-        ax = abs(x[j])
-        if ax > amax:
-            amax = ax
-            mx = x[j]
+    amax, mx = _signed_absmax(x, 256)
     if amax == F0:
         for k in range(292):
             b[k] = 0

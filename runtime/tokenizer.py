@@ -380,15 +380,19 @@ class Tokenizer:
         return frags
 
     # SentencePiece BPE
-    def _encode_spm(self, text: str, out: list) -> None:
+    def _encode_words(self, words, encode_word, out: list) -> None:
+        """Append the ids of each word, remembering words already seen (text repeats them)."""
         cache = self._cache
-        for word in self._spm_split.split(text):
+        for word in words:
             ids = cache.get(word)
             if ids is None:
-                ids = self._spm_word(word)
+                ids = encode_word(word)
                 if len(cache) < 500_000:
                     cache[word] = ids
             out.extend(ids)
+
+    def _encode_spm(self, text: str, out: list) -> None:
+        self._encode_words(self._spm_split.split(text), self._spm_word, out)
 
     def _spm_word(self, text: str) -> tuple:
         scores = self._merge_score
@@ -415,14 +419,7 @@ class Tokenizer:
 
     # byte-level BPE
     def _encode_bpe(self, text: str, out: list) -> None:
-        cache = self._cache
-        for word in _split_regexes(text, self._pre_patterns):
-            ids = cache.get(word)
-            if ids is None:
-                ids = self._bpe_word(word)
-                if len(cache) < 500_000:
-                    cache[word] = ids
-            out.extend(ids)
+        self._encode_words(_split_regexes(text, self._pre_patterns), self._bpe_word, out)
 
     def _bpe_word(self, word: str) -> tuple:
         mapped = word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_GPT2)

@@ -17,7 +17,7 @@ _LAZY = {
     "load_tokenizer": "pyllm.runtime.loader",
     "generate": "pyllm.runtime.generate",
     "stream_generate": "pyllm.runtime.generate",
-    "PyllmError": "pyllm.runtime.errors",
+    "PyllmError": "pyllm.base",
 }
 
 

@@ -14,10 +14,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import gguf  # noqa: E402  (the reference quantizer, to build realistic blocks)
 import numpy as np  # noqa: E402
-
+from pyllm.base import GGMLType  # noqa: E402
 from pyllm.kernels import set_threads  # noqa: E402
 from pyllm.kernels.matmul import linear  # noqa: E402
-from pyllm.kernels.quants import GGMLType, QTensor  # noqa: E402
+from pyllm.kernels.quants import QTensor  # noqa: E402
 
 TYPES = "F32 F16 BF16 Q8_0 Q5_1 Q5_0 Q4_1 Q4_0 Q6_K Q5_K Q4_K Q3_K Q2_K".split()
 
@@ -26,7 +26,7 @@ def blocks(name, w):
     qt = gguf.GGMLQuantizationType[name]
     if name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         # gguf-py has no K-quantizer: random quant bits with realistic half scales
-        from pyllm.kernels.quants import row_bytes
+        from pyllm.base import row_bytes
 
         rng = np.random.default_rng(0)
         raw = rng.integers(0, 256, size=(w.shape[0], row_bytes(GGMLType[name], w.shape[1])), dtype=np.uint8)

@@ -174,7 +174,7 @@ class RefLib:
         return f"quantize_row_{t.lower()[:-1] + t[-1]}_ref"
 
     def quantize(self, x: np.ndarray, name: str) -> np.ndarray:
-        from pyllm.kernels.quants import GGMLType, row_bytes
+        from pyllm.base import GGMLType, row_bytes
 
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.zeros((x.shape[0], row_bytes(GGMLType[name], x.shape[1])), dtype=np.uint8)
@@ -229,8 +229,8 @@ def decode(q: np.ndarray, name: str, cols: int) -> np.ndarray | None:
 
 
 def run_table(x: np.ndarray, ref: RefLib | None, repeats: int = 3) -> list[dict]:
+    from pyllm.base import BLOCK_SIZE, GGMLType
     from pyllm.kernels.quantize import quantize
-    from pyllm.kernels.quants import BLOCK_SIZE, GGMLType
 
     rows = []
     for name in TYPES:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 HELP = """commands:
   /help            this text
@@ -503,7 +503,14 @@ def batch(session: ChatSession, ui: UI):
 
 
 def main(argv=None) -> int:
-    from pyllm.cli.generate import add_model_args, add_sampling_args, load_from_args, max_tokens_from_args, sampler_from_args
+    from pyllm.cli.common import (
+        add_model_args,
+        add_sampling_args,
+        load_from_args,
+        max_tokens_from_args,
+        model_arg,
+        sampler_from_args,
+    )
     from pyllm.runtime import hub
     from pyllm.runtime.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 
@@ -516,6 +523,7 @@ def main(argv=None) -> int:
                    help=f"chat template: {', '.join(BUILTIN_TEMPLATES)} or a Jinja file (default: the model's)")
     p.add_argument("--no-color", action="store_true", help="plain output, no colours")
     args = p.parse_args(argv)
+    model_arg(p, args)
 
     interactive = sys.stdin.isatty()
     color = interactive and sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ

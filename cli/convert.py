@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 
 def _log(quiet: bool):

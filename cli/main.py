@@ -26,7 +26,7 @@ USAGE = "usage: pyllm <command> [options]   (pyllm <command> -h for its options)
 
 def main(argv=None) -> int:
     from pyllm import __version__
-    from pyllm.runtime.errors import PyllmError
+    from pyllm.base import PyllmError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -25,47 +25,23 @@ import struct
 import sys
 import tempfile
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+from pyllm.base import (
+    BLOCK_SIZE,
+    DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGUF_VERSION,
+    SCALAR_FORMATS,
+    GGMLType,
+    PyllmError,
+    ValueType,
+)
 
-from pyllm.kernels.quants import BLOCK_SIZE, GGMLType
-from pyllm.runtime.errors import PyllmError
-
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSION = 3
-ALIGNMENT = 32
-
-
-class ValueType(IntEnum):
-    # gguf_type in ggml's gguf.h / gguf-py's GGUFValueType
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-_FMT = {
-    ValueType.UINT8: "<B", ValueType.INT8: "<b", ValueType.UINT16: "<H", ValueType.INT16: "<h",
-    ValueType.UINT32: "<I", ValueType.INT32: "<i", ValueType.FLOAT32: "<f", ValueType.BOOL: "<?",
-    ValueType.UINT64: "<Q", ValueType.INT64: "<q", ValueType.FLOAT64: "<d",
-}
-_NP = {
-    ValueType.UINT8: np.uint8, ValueType.INT8: np.int8, ValueType.UINT16: np.uint16, ValueType.INT16: np.int16,
-    ValueType.UINT32: np.uint32, ValueType.INT32: np.int32, ValueType.FLOAT32: np.float32, ValueType.BOOL: np.bool_,
-    ValueType.UINT64: np.uint64, ValueType.INT64: np.int64, ValueType.FLOAT64: np.float64,
-}
+_FMT = {vt: fmt for vt, (fmt, _) in SCALAR_FORMATS.items()}
+_NP = {vt: dtype for vt, (_, dtype) in SCALAR_FORMATS.items()}
 _FROM_NP = {np.dtype(v): k for k, v in _NP.items()}
 
 
@@ -109,7 +85,7 @@ class PendingTensor:
 
 
 class GGUFWriter:
-    def __init__(self, path, alignment: int = ALIGNMENT):
+    def __init__(self, path, alignment: int = DEFAULT_ALIGNMENT):
         self.path = Path(path)
         self.alignment = alignment
         self.kv: dict[str, tuple[ValueType, ValueType | None, Any]] = {}
@@ -290,8 +266,14 @@ class _Progress:
 
     def __init__(self, total: int, description: str):
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self._p = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),

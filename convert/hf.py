@@ -19,18 +19,23 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
-
+from pyllm.base import GGMLType, PyllmError
 from pyllm.convert import vocab as vocab_mod
-from pyllm.convert.gguf_writer import GGUFWriter, ValueType
-from pyllm.convert.quantize import (FileType, ModelInfo, QuantizeReport, TensorReport, choose_types, chunked,
-                                    format_tensor_line, parse_file_type)
+from pyllm.convert.gguf_writer import GGUFWriter
+from pyllm.convert.quantize import (
+    FileType,
+    ModelInfo,
+    QuantizeReport,
+    TensorReport,
+    choose_types,
+    chunked,
+    format_tensor_line,
+    parse_file_type,
+)
 from pyllm.convert.safetensors_file import SafetensorsModel
-from pyllm.kernels.quants import GGMLType
-from pyllm.runtime.errors import PyllmError
 
 SUPPORTED = {
     "LlamaForCausalLM": "llama",

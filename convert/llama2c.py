@@ -21,12 +21,18 @@ import struct
 from pathlib import Path
 
 import numpy as np
-
+from pyllm.base import GGMLType, PyllmError
 from pyllm.convert import vocab as vocab_mod
 from pyllm.convert.gguf_writer import GGUFWriter
-from pyllm.convert.quantize import ModelInfo, QuantizeReport, TensorReport, choose_types, chunked, format_tensor_line, parse_file_type
-from pyllm.kernels.quants import GGMLType
-from pyllm.runtime.errors import PyllmError
+from pyllm.convert.quantize import (
+    ModelInfo,
+    QuantizeReport,
+    TensorReport,
+    choose_types,
+    chunked,
+    format_tensor_line,
+    parse_file_type,
+)
 
 HEADER = struct.Struct("<7i")
 

@@ -22,15 +22,11 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-from pyllm.kernels.quants import BLOCK_SIZE, GGMLType
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import BLOCK_SIZE, GGMLType, PyllmError
 
 T = GGMLType
 

@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from pyllm.convert.gguf_writer import GGUFWriter, ValueType
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError, ValueType
+from pyllm.convert.gguf_writer import GGUFWriter
 
 # gguf.TokenType / llama_token_type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

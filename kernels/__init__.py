@@ -16,7 +16,7 @@ def max_threads() -> int:
 
 def set_threads(n: int | None) -> int:
     """Use n threads for the kernels (None: all cores). Returns the number in use."""
-    from pyllm.runtime.errors import PyllmError
+    from pyllm.base import PyllmError
 
     limit = max_threads()
     if n is None:

@@ -17,8 +17,8 @@ results differ from a sequential sum by float32 rounding only.
 
 import numpy as np
 from numba import njit, prange
-
-from pyllm.kernels.quants import DECODABLE, F16_TABLE, GGMLType, QTensor, _f16, _qh32, _scale_min_k4, dequantize_row
+from pyllm.base import GGMLType
+from pyllm.kernels.quants import DECODABLE, F16_TABLE, QTensor, _f16, _qh32, _scale_min_k4, dequantize_row
 
 BATCH_MIN = 8  # from this many tokens on, decode each row once and reuse it
 

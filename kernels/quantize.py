@@ -23,8 +23,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
-
-from pyllm.kernels.quants import BLOCK_SIZE, F16_TABLE, GGMLType, row_bytes
+from pyllm.base import BLOCK_SIZE, GGMLType, row_bytes
+from pyllm.kernels.quants import F16_TABLE
 
 F = np.float32
 # Constant arguments go through I()/B() so that Numba compiles one specialization of a helper

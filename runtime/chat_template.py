@@ -17,7 +17,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 # The templates as published in the models' tokenizer_config.json on the Hugging Face hub.
 BUILTIN_TEMPLATES = {

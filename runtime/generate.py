@@ -4,7 +4,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 from pyllm.runtime.sampling import Sampler
 from pyllm.runtime.tokenizer import IncrementalDecoder
 

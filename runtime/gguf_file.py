@@ -15,28 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from pyllm.kernels.quants import BLOCK_SIZE, GGMLType, QTensor
-from pyllm.runtime.errors import PyllmError
-
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
-
-# value type id -> (struct format, numpy dtype) for the fixed-size scalars
-_SCALARS = {
-    0: ("<B", np.uint8),
-    1: ("<b", np.int8),
-    2: ("<H", np.uint16),
-    3: ("<h", np.int16),
-    4: ("<I", np.uint32),
-    5: ("<i", np.int32),
-    6: ("<f", np.float32),
-    7: ("<?", np.bool_),
-    10: ("<Q", np.uint64),
-    11: ("<q", np.int64),
-    12: ("<d", np.float64),
-}
-_STRING, _ARRAY = 8, 9
+from pyllm.base import BLOCK_SIZE, DEFAULT_ALIGNMENT, GGUF_MAGIC, SCALAR_FORMATS, GGMLType, PyllmError, ValueType
+from pyllm.kernels.quants import QTensor
 
 
 @dataclass
@@ -70,16 +50,16 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype][0])
-        if vtype == _STRING:
+        if vtype in SCALAR_FORMATS:
+            return self.scalar(SCALAR_FORMATS[vtype][0])
+        if vtype == ValueType.STRING:
             return self.string()
-        if vtype == _ARRAY:
+        if vtype == ValueType.ARRAY:
             itype, count = self.scalar("<I"), self.scalar("<Q")
-            if itype in _SCALARS:
-                dtype = np.dtype(_SCALARS[itype][1]).newbyteorder("<")
+            if itype in SCALAR_FORMATS:
+                dtype = np.dtype(SCALAR_FORMATS[itype][1]).newbyteorder("<")
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
-            if itype == _STRING:
+            if itype == ValueType.STRING:
                 return [self.string() for _ in range(count)]
             return [self.value(itype) for _ in range(count)]
         raise PyllmError(f"{self.path}: corrupt GGUF file (unknown metadata value type {vtype})")
@@ -123,7 +103,7 @@ class GGUFFile:
             key = cur.string()
             vtype = cur.scalar("<I")
             item_type = None
-            if vtype == _ARRAY:
+            if vtype == ValueType.ARRAY:
                 item_type = struct.unpack("<I", self._buf[cur.pos : cur.pos + 4])[0] if cur.pos + 4 <= len(self._buf) else None
             self.metadata[key] = cur.value(vtype)
             self.value_types[key] = (vtype, item_type)

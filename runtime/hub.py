@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ The KV cache is preallocated for n_ctx positions. A prompt is evaluated as one b
 from dataclasses import dataclass, field
 
 import numpy as np
-
+from pyllm.base import PyllmError
 from pyllm.kernels import ops
 from pyllm.kernels.matmul import linear
 from pyllm.kernels.quants import QTensor, get_rows
-from pyllm.runtime.errors import PyllmError
 from pyllm.runtime.gguf_file import GGUFFile
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")

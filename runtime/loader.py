@@ -3,7 +3,7 @@
 from importlib import resources
 from pathlib import Path
 
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 from pyllm.runtime.gguf_file import GGUFFile
 
 DEFAULT_MODEL = "stories260K.gguf"  # ships inside the package (MIT), see models/README.md

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 
 @dataclass

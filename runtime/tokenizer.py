@@ -27,8 +27,7 @@ import sys
 
 import numpy as np
 import regex
-
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 # llama.cpp / GGUF token types
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6

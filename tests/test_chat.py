@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 
 PYLLM = [sys.executable, "-m", "pyllm"]
 

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-
+from pyllm.base import PyllmError
 from pyllm.runtime.chat_template import BUILTIN_TEMPLATES, ChatTemplate, encode_rendered
-from pyllm.runtime.errors import PyllmError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chat_templates" / "renderings.json"
 DATA = json.loads(FIXTURE.read_text(encoding="utf-8"))

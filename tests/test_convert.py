@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
+from pyllm.base import GGMLType, PyllmError
 from pyllm.convert.gguf_writer import GGUFWriter
 from pyllm.convert.hf import convert_hf, permute
 from pyllm.convert.llama2c import convert_llama2c
 from pyllm.convert.safetensors_file import SafetensorsModel
 from pyllm.convert.vocab import detect_pre
-from pyllm.kernels.quants import GGMLType
-from pyllm.runtime.errors import PyllmError
 from pyllm.runtime.gguf_file import GGUFFile
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

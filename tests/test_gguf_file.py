@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType
-
-from pyllm.runtime.errors import PyllmError
+from gguf import GGUFReader, GGUFWriter
+from pyllm.base import PyllmError
 from pyllm.runtime.gguf_file import GGUFFile
 
 

@@ -4,10 +4,9 @@ float64 numpy forward pass over gguf-py's own dequantization (tests/reference_ll
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 import pyllm
-from pyllm.runtime.errors import PyllmError
+import pytest
+from pyllm.base import PyllmError
 
 DATA = Path(__file__).parent / "data"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
+from pyllm.base import BLOCK_SIZE, GGMLType, row_bytes
 from pyllm.kernels.quantize import quantize, quantize_rows
-from pyllm.kernels.quants import BLOCK_SIZE, GGMLType, QTensor, dequantize, row_bytes
+from pyllm.kernels.quants import QTensor, dequantize
 
 LEGACY = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from pyllm.base import GGMLType as T
+from pyllm.base import PyllmError
 from pyllm.convert.gguf_writer import GGUFWriter
 from pyllm.convert.quantize import FILE_TYPES, quantize_gguf
-from pyllm.kernels.quants import GGMLType as T
-from pyllm.runtime.errors import PyllmError
 from pyllm.runtime.gguf_file import GGUFFile
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

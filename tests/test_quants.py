@@ -5,9 +5,9 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
-
+from pyllm.base import BLOCK_SIZE, GGMLType, row_bytes  # noqa: E402
 from pyllm.kernels.matmul import BATCH_MIN, linear  # noqa: E402
-from pyllm.kernels.quants import BLOCK_SIZE, GGMLType, QTensor, dequantize, get_rows, row_bytes  # noqa: E402
+from pyllm.kernels.quants import QTensor, dequantize, get_rows  # noqa: E402
 
 TYPES = "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
 

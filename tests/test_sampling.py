@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 from pyllm.runtime.sampling import Sampler
 
 

@@ -9,9 +9,8 @@ import functools
 import json
 
 import pytest
-
 from conftest import shared_file
-from pyllm.runtime.errors import PyllmError
+from pyllm.base import PyllmError
 from pyllm.runtime.gguf_file import GGUFFile
 from pyllm.runtime.tokenizer import IncrementalDecoder, Tokenizer
 

@@ -171,8 +171,10 @@ def test_llama2c_tokenizer_truncated_or_wrong_size(tmp_path, capsys):
 
 # -- tiny random HF models: transformers' logits are the oracle ----------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen2-yarn", "llama-bias"])
 def test_tiny_hf_logits_match_transformers(tmp_path, arch):
+    """qwen2-yarn: YaRN rope scaling over 320 positions, past its 256-token original context;
+    llama-bias: attention_bias=true, so attn_output.bias too."""
     import pyllm
 
     src = FIXTURES / f"tiny-{arch}"
@@ -232,6 +234,42 @@ def test_tiny_hf_outtypes(tmp_path):
         if qtype == GGMLType.BF16:  # bf16 -> bf16 is lossless
             raw = st["model.layers.0.mlp.down_proj.weight"].raw()
             assert np.array_equal(g.raw("blk.0.ffn_down.weight").view(np.uint16).reshape(raw.shape), raw)
+
+
+def test_rope_scaling_and_options_written_or_refused(tmp_path):
+    """YaRN and linear keys as llama.cpp's converter writes them; options that neither GGUF nor
+    llama.cpp's llama/qwen2 carry are refused, so no file runs without them."""
+    out = tmp_path / "v.gguf"
+    convert_hf(FIXTURES / "tiny-qwen2-yarn", out, vocab_only=True)
+    m = GGUFFile(out).metadata
+    assert (m["qwen2.rope.scaling.type"], m["qwen2.rope.scaling.factor"]) == ("yarn", 4.0)
+    assert m["qwen2.rope.scaling.original_context_length"] == 256 and m["qwen2.context_length"] == 1024
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+    refused = [
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "beta_fast": 16}}, "beta_fast = 16 is not supported"),
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "attention_factor": 1.0}}, "attention_factor = 1.0 is not supp"),
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "mscale": 0.7, "mscale_all_dim": 0.7}}, "mscale = 0.7"),
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "truncate": False}}, "truncate = False"),
+        ("tiny-qwen2", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}},
+         "rope_scaling type 'dynamic' is not supported"),
+        ("tiny-qwen2", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e6}},
+         "rope_scaling type 'llama3' is not supported"),
+        ("tiny-llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope' is not supp"),
+        ("tiny-qwen2", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window is not supported"),
+        ("tiny-llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ]
+    for name, change, match in refused:
+        d = _copy_fixture(tmp_path / name, name)
+        _edit_config(d, **change)
+        with pytest.raises(PyllmError, match=match):
+            convert_hf(d, tmp_path / "o.gguf")
+        assert not (tmp_path / "o.gguf").exists()
+    d = _copy_fixture(tmp_path / "m", "tiny-mistral")
+    _edit_config(d, sliding_window=128, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    convert_hf(d, out, vocab_only=True)
+    m = GGUFFile(out).metadata
+    assert m["llama.attention.sliding_window"] == 128  # pyllm then keeps the context within it
+    assert (m["llama.rope.scaling.type"], m["llama.rope.scaling.factor"]) == ("linear", 2.0)
 
 
 def test_llama3_rope_factors_formula():
@@ -302,7 +340,7 @@ def test_detect_pre():
 
 def _copy_fixture(tmp_path, name="tiny-llama"):
     d = tmp_path / name
-    shutil.copytree(FIXTURES / name, d)
+    shutil.copytree(FIXTURES / name, d, dirs_exist_ok=True)
     return d
 
 

@@ -75,7 +75,7 @@ PRE_ALIASES = {
     "": "default", "default": "default",
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3", "dbrx": "llama3",
     "smaug-bpe": "llama3", "chatglm-bpe": "llama3",
-    "gpt2": "gpt2", "gpt-2": "gpt2", "phi-2": "gpt2", "jina-es": "gpt2", "jina-de": "gpt2", "gigachat": "gpt2",
+    "gpt-2": "gpt2", "phi-2": "gpt2", "jina-es": "gpt2", "jina-de": "gpt2", "gigachat": "gpt2",
     "jina-v1-en": "gpt2", "jina-v2-es": "gpt2", "jina-v2-de": "gpt2", "jina-v2-code": "gpt2", "roberta-bpe": "gpt2",
     "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
     "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "smollm": "smollm", "codeshell": "smollm",

@@ -25,6 +25,7 @@ _READ = {
     "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.key_length",
     "attention.value_length", "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
     "rope.scale_linear", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
+    "rope.scaling.yarn_ext_factor",  # accepted at llama.cpp's value for the type (1 for yarn, else 0)
     "attention.sliding_window",  # checked against n_ctx in Model.from_gguf
     "attention.scale",  # accepted when it is 1/sqrt(head_dim), what pyllm (and llama.cpp for these) use
 }

@@ -278,7 +278,8 @@ def test_rope_scaling_keys_reach_the_tables(tmp_path, stories260k):
         ([("llama.rope.scaling.factor", 4.0, F32)], RopeScaling("linear", 4.0, 2048)),
         ([("llama.rope.scale_linear", 2.0, F32)], RopeScaling("linear", 2.0, 2048)),
         ([("llama.rope.scaling.type", "yarn", STR), ("llama.rope.scaling.factor", 4.0, F32),
-          ("llama.rope.scaling.original_context_length", 256, U32), ("llama.rope.scaling.attn_factor", 0.9, F32)],
+          ("llama.rope.scaling.original_context_length", 256, U32), ("llama.rope.scaling.attn_factor", 0.9, F32),
+          ("llama.rope.scaling.yarn_ext_factor", 1.0, F32), ("llama.rope.scaling.yarn_beta_fast", 32.0, F32)],
          RopeScaling("yarn", 4.0, 256, attn_factor=0.9)),
     ]
     for set_kv, want in cases:

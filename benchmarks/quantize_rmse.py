@@ -55,6 +55,7 @@ typedef uint16_t ggml_half;
 #define QK8_0 32
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define GGML_RESTRICT restrict
 typedef struct { ggml_half d; uint8_t qs[16]; } block_q4_0;
 typedef struct { ggml_half d; ggml_half m; uint8_t qs[16]; } block_q4_1;
 typedef struct { ggml_half d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
@@ -293,7 +294,8 @@ def main():
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--llama-cpp", default=None, help="llama.cpp source tree or bare git mirror")
-    p.add_argument("--stories", default=str(Path(__file__).resolve().parents[2] / "shared/models/gguf/stories260K.gguf"))
+    stories = Path(__file__).resolve().parents[2] / "shared/models/gguf/stories260K.gguf"
+    p.add_argument("--stories", default=str(stories))
     a = p.parse_args()
 
     from pyllm.kernels import set_threads

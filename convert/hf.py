@@ -11,7 +11,7 @@ as llama.cpp's LlamaModel does), Qwen2ForCausalLM ("qwen2").
 - Tensor types: 1-D tensors and *_norm.weight stay F32; --outtype applies to the 2-D weights
   (token_embd too); quantized outtypes use the same per-tensor rules as `pyllm quantize`.
 - Llama-3 rope scaling becomes a rope_freqs.weight tensor (LlamaModel.generate_extra_tensors),
-  linear scaling rope.scaling.* keys, Qwen2 yarn likewise.
+  linear and YaRN scaling rope.scaling.* keys; other scalings (dynamic, longrope) are refused.
 """
 
 from __future__ import annotations
@@ -172,20 +172,52 @@ class HFModel:
             w.add_u32(f"{a}.attention.key_length", hp["head_dim"])
             w.add_u32(f"{a}.attention.value_length", hp["head_dim"])
         w.add_u32("general.file_type", ft.ftype)
-        rs = hp.get("rope_scaling") or None
-        kind = (rs or {}).get("type", (rs or {}).get("rope_type"))
         if self.arch == "llama":
             # LlamaModel.set_gguf_parameters
             w.add_u32(f"{a}.vocab_size", self.vocab_size)
             w.add_u32(f"{a}.rope.dimension_count", self.head_dim)
-            if rs and "factor" in rs and kind == "linear":
-                w.add_string(f"{a}.rope.scaling.type", "linear")
-                w.add_f32(f"{a}.rope.scaling.factor", rs["factor"])
-        elif self.arch == "qwen2":
-            if rs and "factor" in rs and kind == "yarn":
-                w.add_string(f"{a}.rope.scaling.type", "yarn")
-                w.add_f32(f"{a}.rope.scaling.factor", rs["factor"])
-                w.add_u32(f"{a}.rope.scaling.original_context_length", rs["original_max_position_embeddings"])
+        self.add_rope_scaling(w)
+        # options of the checkpoint that change its function: carried, or refused
+        cfg = self.dir / "config.json"
+        act = hp.get("hidden_act", hp.get("hidden_activation", "silu"))
+        if act not in ("silu", "swish"):
+            raise PyllmError(f"{cfg}: hidden_act {act!r} is not supported (these models use silu)")
+        if self.hf_arch == "MistralForCausalLM" and hp.get("sliding_window"):
+            w.add_u32(f"{a}.attention.sliding_window", hp["sliding_window"])  # pyllm keeps the context within it
+        if self.arch == "qwen2" and hp.get("use_sliding_window"):
+            raise PyllmError(f"{cfg}: use_sliding_window is not supported")
+
+    def add_rope_scaling(self, w: GGUFWriter):
+        """rope.scaling.* as TextModel.set_gguf_parameters writes them (conversion/base.py); a
+        scaling llama.cpp's llama/qwen2 would not run as transformers does is refused here."""
+        a, hp = self.arch, self.hp
+        rs = hp.get("rope_scaling") or {}
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        cfg = self.dir / "config.json"
+        if kind in (None, "default"):
+            return
+        if kind == "llama3" and a == "llama":
+            return  # becomes the rope_freqs.weight tensor (plan_tensors)
+        if kind not in ("linear", "yarn"):
+            raise PyllmError(f"{cfg}: rope_scaling type {kind!r} is not supported (supported: linear, yarn"
+                             f"{', llama3' if a == 'llama' else ''})")
+        if not isinstance(rs.get("factor"), (int, float)):
+            raise PyllmError(f"{cfg}: rope_scaling {kind} needs a numeric factor")
+        w.add_string(f"{a}.rope.scaling.type", kind)
+        w.add_f32(f"{a}.rope.scaling.factor", rs["factor"])
+        if kind == "yarn":
+            # llama.cpp's llama/qwen2 take beta_fast 32, beta_slow 1, full extrapolation and the
+            # attention factor 0.1 ln(factor) + 1 as fixed; transformers honours these options
+            fixed = {"beta_fast": 32, "beta_slow": 1, "extrapolation_factor": 1, "truncate": True}
+            for name, value in rs.items():
+                if name in fixed and value is not None and value != fixed[name]:
+                    raise PyllmError(f"{cfg}: rope_scaling {name} = {value} is not supported "
+                                     f"(llama.cpp runs {a} YaRN with {name} = {fixed[name]})")
+                if name in ("attention_factor", "attn_factor", "mscale", "mscale_all_dim") and value is not None:
+                    raise PyllmError(f"{cfg}: rope_scaling {name} = {value} is not supported "
+                                     f"(llama.cpp runs {a} YaRN with the attention factor 0.1 ln(factor) + 1)")
+            orig = rs.get("original_max_position_embeddings") or hp.get("max_position_embeddings")
+            w.add_u32(f"{a}.rope.scaling.original_context_length", orig)
 
     def add_general(self, w: GGUFWriter, total_params: int):
         """general.* from the model card and directory name (gguf-py's Metadata, as the converter)."""

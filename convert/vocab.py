@@ -91,7 +91,8 @@ def spm_tokens(model_path: Path, vocab_size: int | None = None, model_dir: Path 
     try:
         sp.LoadFromFile(str(model_path))
     except (OSError, RuntimeError) as e:
-        raise PyllmError(f"{model_path}: not a SentencePiece model ({str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+        reason = str(e).splitlines()[0] if str(e) else "unreadable"
+        raise PyllmError(f"{model_path}: not a SentencePiece model ({reason})") from None
     n_sp = sp.vocab_size()
     vocab_size = n_sp if vocab_size is None else int(vocab_size)
     if n_sp > vocab_size:
@@ -147,8 +148,10 @@ def add_spm_vocab(w: GGUFWriter, model_path, vocab_size=None, model_dir=None, sp
 # -- tokenizer.json (byte-level BPE) ------------------------------------------------------
 
 # Known pre-tokenizer regexes (tokenizer.json "Split" patterns) -> llama.cpp's tokenizer.ggml.pre.
-_LLAMA3_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _flatten_pretokenizers(pt):
@@ -227,7 +230,8 @@ def add_gpt2_vocab(w: GGUFWriter, tokenizer_json, vocab_size=None, special_dir=N
     tok = _read_json(path)
     model = tok.get("model", {})
     if model.get("type") != "BPE":
-        raise PyllmError(f"{path}: unsupported tokenizer type {model.get('type')!r} (supported: BPE, or a SentencePiece tokenizer.model)")
+        raise PyllmError(f"{path}: unsupported tokenizer type {model.get('type')!r} "
+                         "(supported: BPE, or a SentencePiece tokenizer.model)")
     if model.get("byte_fallback") and not model.get("ignore_merges"):
         raise PyllmError(f"{path}: a SentencePiece-style BPE tokenizer.json is not supported; "
                          "convert with its tokenizer.model (--tokenizer PATH/tokenizer.model)")
@@ -242,7 +246,8 @@ def add_gpt2_vocab(w: GGUFWriter, tokenizer_json, vocab_size=None, special_dir=N
         # no tokenizer_config.json / config.json beside it: SpecialVocab still read the merges?
         merges = model.get("merges") or []
         if merges and isinstance(merges[0], list):
-            merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in m) for m in merges]
+            merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in m)
+                      for m in merges]
         if merges:
             w.add_array("tokenizer.ggml.merges", merges, ValueType.STRING)
     return len(tokens)
@@ -250,24 +255,30 @@ def add_gpt2_vocab(w: GGUFWriter, tokenizer_json, vocab_size=None, special_dir=N
 
 # -- llama2.c tok*.bin --------------------------------------------------------------------
 
-def llama2c_tokens(path, vocab_size: int):
+def parse_llama2c_tokenizer(data: bytes, vocab_size: int):
     """(tokens, scores, types) of a llama2.c tokenizer .bin, as convert-llama2c-to-ggml's load_vocab:
     int32 max_token_length, then per token float32 score, int32 length, bytes. Ids 0/1/2 are
-    renamed <unk>/<s>/</s>; empty pieces are CONTROL, <0xNN> BYTE; spaces become U+2581."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PyllmError(f"cannot read tokenizer {path}: {e.strerror}") from None
+    renamed <unk>/<s>/</s>; empty pieces are CONTROL, <0xNN> BYTE; spaces become U+2581.
+
+    Raises ValueError (the reason) unless the bytes are exactly that structure: a positive
+    max_token_length, no piece longer than it, and exactly vocab_size entries up to the end of
+    the file. That structure, not the first byte, tells it from a SentencePiece protobuf."""
+    if len(data) < 4:
+        raise ValueError(f"{len(data)} bytes, shorter than its header")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    if max_len <= 0:
+        raise ValueError(f"max_token_length is {max_len}")
     pos = 4
     tokens, scores, types = [], [], []
     for i in range(vocab_size):
         if pos + 8 > len(data):
-            raise PyllmError(f"{path}: truncated llama2.c tokenizer (model has {vocab_size} tokens, file ends at token {i})")
+            raise ValueError(f"truncated: the model has {vocab_size} tokens, the file ends at token {i}")
         score, n = struct.unpack_from("<fi", data, pos)
         pos += 8
-        if n < 0 or pos + n > len(data):
-            raise PyllmError(f"{path}: not a llama2.c tokenizer (bad length at token {i})")
+        if n < 0 or n > max_len:
+            raise ValueError(f"token {i} has length {n}, outside 0..max_token_length={max_len}")
+        if pos + n > len(data):
+            raise ValueError(f"truncated: the file ends inside token {i}")
         text = data[pos : pos + n].decode("utf-8", errors="replace")
         pos += n
         if i == 0:
@@ -285,6 +296,9 @@ def llama2c_tokens(path, vocab_size: int):
         tokens.append(text.replace(" ", "\u2581"))
         scores.append(score)
         types.append(t)
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} bytes left after the model's {vocab_size} tokens "
+                         "(a tokenizer for a larger vocabulary?)")
     return tokens, scores, types
 
 
@@ -314,11 +328,23 @@ def add_llama2c_vocab(w: GGUFWriter, tokenizer_path, vocab_size: int):
             if key.startswith("tokenizer."):
                 w.add(key, value, *g.value_types[key])
         return
-    if path.suffix == ".model" or magic[:1] == b"\n":  # a SentencePiece protobuf starts with field 1 (pieces)
+    if path.suffix == ".model":
         tokens, scores, types = spm_tokens(path, vocab_size)
         tokens = [t.decode("utf-8") for t in tokens]
     else:
-        tokens, scores, types = llama2c_tokens(path, vocab_size)
+        # a llama2.c tok*.bin if it has exactly that structure, else a SentencePiece protobuf
+        # (whatever its name); both failing is one error naming both reasons
+        try:
+            tokens, scores, types = parse_llama2c_tokenizer(path.read_bytes(), vocab_size)
+        except OSError as e:
+            raise PyllmError(f"cannot read tokenizer {path}: {e.strerror}") from None
+        except ValueError as not_llama2c:
+            try:
+                tokens, scores, types = spm_tokens(path, vocab_size)
+            except PyllmError as not_spm:
+                spm_reason = str(not_spm).split(": ", 1)[-1]
+                raise PyllmError(f"{path}: not a llama2.c tokenizer ({not_llama2c}) and {spm_reason}") from None
+            tokens = [t.decode("utf-8") for t in tokens]
     _put_tokens(w, "llama", None, tokens, scores, types)
     # convert-llama2c-to-ggml.cpp save_as_llama_model: fixed ids, no separator / padding
     w.add_u32("tokenizer.ggml.unknown_token_id", 0)

@@ -759,11 +759,4 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     return out.reshape(*x.shape[:-1], rb)
 
 
-def quantize_rows(x: np.ndarray, qtype, imatrix=None) -> np.ndarray:
-    """quantize() with an importance matrix slot; only imatrix=None is supported for now."""
-    if imatrix is not None:
-        raise NotImplementedError("importance-matrix quantization is not implemented")
-    return quantize(x, qtype)
-
-
-__all__ = ["quantize", "quantize_rows", "QUANTIZABLE", "BLOCK_SIZE", "f32_to_f16", "nearest_int"]
+__all__ = ["quantize", "QUANTIZABLE", "BLOCK_SIZE", "f32_to_f16", "nearest_int"]

@@ -13,11 +13,19 @@ GGUF files carry their template in `tokenizer.chat_template`; for files without 
 `--chat-template NAME` (or a FILE holding Jinja text).
 """
 
+import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
+from jinja2.exceptions import SecurityError
 from pyllm.base import PyllmError
+
+
+class TemplateSecurityError(PyllmError, SecurityError):
+    """A template refused for reaching Python internals or exhausting the machine: jinja2's
+    SecurityError, and a PyllmError so the command line prints it as one line."""
 
 # The templates as published in the models' tokenizer_config.json on the Hugging Face hub.
 BUILTIN_TEMPLATES = {
@@ -131,15 +139,99 @@ def _environment():
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
 
-    env = ImmutableSandboxedEnvironment(
+    class ChatSandbox(ImmutableSandboxedEnvironment):
+        """HF's sandbox, stricter where a template could reach Python's internals or exhaust the
+        machine: an unsafe attribute is an error at once (not an empty Undefined), and sizes
+        are bounded (_check_size) for *, **, +, % and every call's or filter's int arguments,
+        format widths, and range() iterations summed over a render."""
+
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            _check_args(args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            if attribute in ("format", "format_map") and isinstance(obj, str):
+                _check_format(obj)
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            if argument in ("format", "format_map") and isinstance(obj, str):
+                _check_format(obj)
+            return super().getitem(obj, argument)
+
+    budget = {"range": 0}
+
+    def bounded_range(*args):
+        r = range(*args)
+        budget["range"] += len(r)
+        if budget["range"] > MAX_ITEMS:
+            raise SecurityError(f"range() over {MAX_ITEMS} items in one rendering is not allowed in chat templates")
+        return r
+
+    def bounded(f):
+        @functools.wraps(f)
+        def filter_(*args, **kwargs):
+            _check_args(args, kwargs)
+            return f(*args, **kwargs)
+        return filter_
+
+    env = ChatSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTracker, jinja2.ext.loopcontrols]
     )
+    env.filters = {name: bounded(f) for name, f in env.filters.items()}
+    env.globals["range"] = bounded_range
+    env.range_budget = budget  # reset by ChatTemplate._render
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     env.globals["dict"] = TemplateDict()
     env.globals["namespace"] = TemplateNamespace
     return env
+
+
+MAX_ITEMS = 100_000  # range() items per rendering (jinja's own MAX_RANGE)
+MAX_SIZE = 1_000_000  # characters / items of a string or list an operator or call may build
+
+
+def _check_size(n, what):
+    if n > MAX_SIZE:
+        raise SecurityError(f"{what} of {n} items is over the chat template limit of {MAX_SIZE}")
+
+
+def _check_binop(operator, left, right):
+    seq = (str, bytes, list, tuple)
+    if operator == "*":
+        for a, b in ((left, right), (right, left)):
+            if isinstance(a, seq) and isinstance(b, int) and not isinstance(b, bool):
+                _check_size(len(a) * b, "a repetition")
+    elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
+        _check_size(len(left) + len(right), "a concatenation")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+        if right > 0 and abs(left) > 1 and right * abs(left).bit_length() > 4096:
+            raise SecurityError(f"{left} ** {right} is too large for a chat template")
+    elif operator == "%" and isinstance(left, str):
+        _check_args(right if isinstance(right, tuple) else (right,), {})
+        _check_format(left)
+
+
+def _check_format(fmt: str):
+    if re.search(r"\d{7,}", fmt):  # a width or precision of a million or more
+        raise SecurityError("format widths over a million are not allowed in chat templates")
+
+
+def _check_args(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_SIZE:
+            _check_size(abs(a), "an argument")
 
 
 class ChatTemplate:
@@ -171,16 +263,23 @@ class ChatTemplate:
         messages = [dict(m) for m in messages]
         try:
             return self._render(messages, add_generation_prompt, **kwargs)
+        except SecurityError as e:  # never retried: an escape attempt is not a formatting problem
+            raise TemplateSecurityError(f"chat template {self.name!r} refused: {e}") from None
         except jinja2.TemplateError as e:
             if merge_system and len(messages) >= 1 and messages[0].get("role") == "system":
                 merged = _merge_system(messages)
                 try:
                     return self._render(merged, add_generation_prompt, **kwargs)
+                except SecurityError as e2:
+                    raise TemplateSecurityError(f"chat template {self.name!r} refused: {e2}") from None
                 except jinja2.TemplateError:
                     pass
             raise PyllmError(f"chat template {self.name!r}: {e}") from None
+        except (OverflowError, MemoryError, RecursionError, ValueError, TypeError) as e:
+            raise PyllmError(f"chat template {self.name!r} failed: {type(e).__name__}: {e}") from None
 
     def _render(self, messages, add_generation_prompt, **kwargs) -> str:
+        self._template.environment.range_budget["range"] = 0
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **self.extra_tokens}
         variables.update(kwargs)
         return self._template.render(messages=messages, tools=None, documents=None,
@@ -213,7 +312,8 @@ class ChatTemplate:
 
         kw = dict(bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=token("tokenizer.ggml.eos_token_id"))
         extra = {}
-        for name, key in (("unk_token", "tokenizer.ggml.unknown_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")):
+        for name, key in (("unk_token", "tokenizer.ggml.unknown_token_id"),
+                          ("pad_token", "tokenizer.ggml.padding_token_id")):
             if token(key):
                 extra[name] = token(key)
         kw["extra_tokens"] = extra

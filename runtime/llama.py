@@ -13,8 +13,33 @@ from pyllm.kernels import ops
 from pyllm.kernels.matmul import linear
 from pyllm.kernels.quants import QTensor, get_rows
 from pyllm.runtime.gguf_file import GGUFFile
+from pyllm.runtime.rope import SCALING_TYPES, RopeScaling, rope_tables
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+# The {arch}.* keys, by what pyllm does with them. llama.cpp reads these for llama/qwen2
+# (src/llama-model.cpp load_hparams, src/models/llama.cpp, qwen2.cpp); a key that is not
+# listed, or one of _UNUSED_AT with another value, is refused: it would change the model.
+_READ = {
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.key_length",
+    "attention.value_length", "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scale_linear", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
+    "rope.scaling.yarn_ext_factor",  # accepted at llama.cpp's value for the type (1 for yarn, else 0)
+    "attention.sliding_window",  # checked against n_ctx in Model.from_gguf
+    "attention.scale",  # accepted when it is 1/sqrt(head_dim), what pyllm (and llama.cpp for these) use
+}
+# no effect on a causal decoder's logits: names (vocab_size sizes the type label), training notes
+_INFORMATIONAL = {"vocab_size", "rope.scaling.finetuned", "pooling_type", "classifier.pooling_type"}
+# accepted only with the value that means "not used" (llama.cpp's default)
+_UNUSED_AT = {
+    "expert_count": 0, "expert_used_count": 0, "expert_group_count": 0, "expert_group_used_count": 0,
+    "nextn_predict_layers": 0, "attention.causal": True, "attention.max_alibi_bias": 0.0,
+    "attention.clamp_kqv": 0.0, "rope.scaling.alpha": 0.0, "rope.scaling.yarn_log_multiplier": 0.0,
+    "rope.scaling.yarn_attn_factor": 1.0, "rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
+    "final_logit_softcapping": 0.0, "attn_logit_softcapping": 0.0,
+    "logit_scale": 1.0, "embedding_scale": 1.0, "residual_scale": 1.0,
+}
 
 
 @dataclass
@@ -34,9 +59,11 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_dim: int = 0  # dims of each head that are rotated (= head_dim for these models)
     rope_neox: bool = False  # rotate (i, i+d/2) pairs instead of (2i, 2i+1)
-    rope_linear_scale: float = 1.0  # positions are multiplied by this (linear rope scaling)
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # linear / YaRN context extension
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases
+    attention_out_bias: bool = False  # attn_output.bias (Llama with attention_bias=true)
+    sliding_window: int = 0  # 0: none
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelArgs":
@@ -46,41 +73,136 @@ class ModelArgs:
             raise PyllmError(f"{gguf.path}: missing required key general.architecture")
         if arch not in ARCHITECTURES:
             raise PyllmError(f"{gguf.path}: unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        prefix = f"{arch}."
 
-        def key(name, default=None):
-            value = meta.get(f"{arch}.{name}", default)
+        def refuse(name, value, why="pyllm does not implement it"):
+            raise PyllmError(f"{gguf.path}: unsupported {prefix}{name} = {_show(value)} ({why})")
+
+        for k, value in meta.items():
+            name = k[len(prefix):] if k.startswith(prefix) else None
+            if name is None or name in _READ or name in _INFORMATIONAL:
+                continue
+            if name not in _UNUSED_AT:
+                refuse(name, value, "an option pyllm does not know; running without it could be wrong")
+            if not _equal(value, _UNUSED_AT[name]):
+                refuse(name, value)
+
+        def key(name, default=None, kind=int):
+            value = meta.get(prefix + name, default)
             if value is None:
-                raise PyllmError(f"{gguf.path}: missing required key {arch}.{name}")
-            return value
+                raise PyllmError(f"{gguf.path}: missing required key {prefix}{name}")
+            if isinstance(value, (list, np.ndarray)):  # llama.cpp allows per-layer arrays here
+                if len(value) == 0 or not all(_equal(v, value[0]) for v in value):
+                    refuse(name, value, "per-layer values are not supported")
+                value = value[0]
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise PyllmError(f"{gguf.path}: {prefix}{name} must be a number, got {_show(value)}") from None
 
-        n_heads = int(key("attention.head_count"))
-        hidden = int(key("embedding_length"))
-        head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
+        n_heads = key("attention.head_count")
+        n_kv = key("attention.head_count_kv", n_heads)
+        hidden = key("embedding_length")
+        if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
+            raise PyllmError(f"{gguf.path}: {n_heads} attention heads cannot share {n_kv} key/value heads")
+        head_dim = key("attention.key_length", hidden // n_heads)
+        if key("attention.value_length", head_dim) != head_dim:
+            refuse("attention.value_length", meta[prefix + "attention.value_length"],
+                   f"values of another size than keys ({head_dim})")
+        rope_dim = key("rope.dimension_count", head_dim)
+        if rope_dim != head_dim:  # llama.cpp refuses it too for llama ("invalid n_rot") and qwen2
+            refuse("rope.dimension_count", rope_dim, f"partial rotary embedding of a {head_dim}-dim head")
+        n_ctx_train = key("context_length")
+        rope_scaling = _rope_scaling(gguf, arch, key, refuse, n_ctx_train)
+        attn_scale = meta.get(prefix + "attention.scale")
+        if attn_scale not in (None, 0.0) and not np.isclose(attn_scale, head_dim ** -0.5, rtol=1e-6):
+            refuse("attention.scale", attn_scale, f"pyllm scales attention by 1/sqrt({head_dim})")
         embd = gguf.tensors.get("token_embd.weight")
         if embd is None:
             raise PyllmError(f"{gguf.path}: missing tensor token_embd.weight")
-        scale = 1.0
-        if meta.get(f"{arch}.rope.scaling.type") == "linear":
-            scale = 1.0 / float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
         return cls(
             model_type=arch,
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_hidden_layers=int(key("block_count")),
+            intermediate_size=key("feed_forward_length"),
+            num_hidden_layers=key("block_count"),
             num_attention_heads=n_heads,
-            num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+            num_key_value_heads=n_kv,
             head_dim=head_dim,
-            vocab_size=int(embd.dims[1]),
-            max_position_embeddings=int(key("context_length")),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_dim=int(meta.get(f"{arch}.rope.dimension_count", head_dim)),
+            vocab_size=int(embd.dims[1]) if len(embd.dims) == 2 else 0,
+            max_position_embeddings=n_ctx_train,
+            rms_norm_eps=key("attention.layer_norm_rms_epsilon", kind=float),
+            rope_theta=key("rope.freq_base", 10000.0, float),
+            rope_dim=rope_dim,
             # llama.cpp: qwen2 uses NEOX rope; llama/mistral GGUFs have permuted Q/K for "normal" rope.
             rope_neox=arch == "qwen2",
-            rope_linear_scale=scale,
+            rope_scaling=rope_scaling,
             tie_word_embeddings="output.weight" not in gguf.tensors,
             attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+            attention_out_bias="blk.0.attn_output.bias" in gguf.tensors,
+            sliding_window=key("attention.sliding_window", 0),
         )
+
+
+def _rope_scaling(gguf, arch, key, refuse, n_ctx_train) -> RopeScaling:
+    """rope.scaling.* as llama.cpp reads them: the type defaults to linear (so a bare factor,
+    or the old rope.scale_linear, still scales), a factor of 0 means 1."""
+    kind = gguf.metadata.get(f"{arch}.rope.scaling.type", "linear")
+    if kind not in SCALING_TYPES:
+        refuse("rope.scaling.type", kind, f"supported: {', '.join(SCALING_TYPES)}")
+    if f"{arch}.rope.scaling.factor" in gguf.metadata:
+        factor = key("rope.scaling.factor", kind=float)
+    else:  # the old key name
+        factor = key("rope.scale_linear", 0.0, float)
+    if factor < 0 or not np.isfinite(factor):
+        refuse("rope.scaling.factor", factor, "it must be positive")
+    factor = 1.0 if factor == 0.0 else factor
+    if kind == "none":
+        factor = 1.0  # llama.cpp never scales with type none
+    ext = gguf.metadata.get(f"{arch}.rope.scaling.yarn_ext_factor")
+    if ext is not None and not (ext < 0 or _equal(ext, 1.0 if kind == "yarn" else 0.0)):
+        refuse("rope.scaling.yarn_ext_factor", ext, "pyllm does not implement it")
+    orig = key("rope.scaling.original_context_length", n_ctx_train)
+    if kind == "yarn" and orig <= 0:
+        refuse("rope.scaling.original_context_length", orig, "YaRN needs the pre-training context")
+    attn_factor = key("rope.scaling.attn_factor", 1.0, float)
+    return RopeScaling(type=kind if factor != 1.0 or kind == "yarn" else "none", factor=factor,
+                       original_context_length=orig, attn_factor=attn_factor)
+
+
+def _equal(value, want) -> bool:
+    if isinstance(want, bool) or isinstance(value, (bool, str)):
+        return value is want or value == want
+    try:
+        return bool(np.isclose(float(value), float(want), rtol=1e-6, atol=0.0))
+    except (TypeError, ValueError):
+        return False
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, np.ndarray)):
+        items = list(value[:4])
+        return "[" + ", ".join(str(v) for v in items) + (", ..." if len(value) > 4 else "") + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+_LAYER_TENSORS = {
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_norm.weight",
+    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
+}
+_GLOBAL_TENSORS = {"token_embd.weight", "output_norm.weight", "output.weight"}
+
+
+def _is_used(name: str, a: ModelArgs) -> bool:
+    """Whether the forward pass reads tensor `name`: the tensors llama.cpp's llama / qwen2
+    load, less the variants pyllm does not implement (MLP biases, fused qkv, output.bias)."""
+    if name in _GLOBAL_TENSORS:
+        return True
+    if name == "rope_freqs.weight":
+        return a.model_type != "qwen2"  # llama.cpp's qwen2 does not load it
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < a.num_hidden_layers:
+        return parts[2] in _LAYER_TENSORS or (parts[2] == "attn_output.bias" and a.model_type != "qwen2")
+    return False
 
 
 @dataclass
@@ -97,6 +219,7 @@ class Layer:
     bq: np.ndarray | None = None  # qwen2 biases
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
+    bo: np.ndarray | None = None  # attn_output.bias  (hidden,)
 
 
 @dataclass
@@ -125,12 +248,20 @@ class Model:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, tokenizer, n_ctx: int) -> "Model":
         a = ModelArgs.from_gguf(gguf)
+        if a.sliding_window and n_ctx > a.sliding_window:
+            raise PyllmError(f"{gguf.path}: the model attends over a sliding window of {a.sliding_window} tokens, "
+                             f"which pyllm does not implement; use a context of at most that (-c {a.sliding_window})")
+        # every tensor must be one the forward pass uses (llama.cpp refuses a wrong tensor count)
+        for name in gguf.tensors:
+            if not _is_used(name, a):
+                raise PyllmError(f"{gguf.path}: tensor {name} is not used by pyllm's {a.model_type} model "
+                                 "(an unsupported variant?); refusing to run without it")
 
         def weight(name, rows, cols):
             if name not in gguf.tensors:
                 raise PyllmError(f"{gguf.path}: missing tensor {name}")
             t = gguf.qtensor(name)
-            if t.shape != (rows, cols):
+            if len(gguf.tensors[name].dims) != 2 or t.shape != (rows, cols):
                 raise PyllmError(f"{gguf.path}: tensor {name} has shape {t.shape}, expected {(rows, cols)}")
             return t
 
@@ -149,6 +280,10 @@ class Model:
         layers = []
         for i in range(a.num_hidden_layers):
             p = f"blk.{i}."
+            biases = [p + f"attn_{x}.bias" in gguf.tensors for x in "qkv"]
+            if any(biases) and not all(biases):
+                raise PyllmError(f"{gguf.path}: layer {i} has biases for only some of attn_q/attn_k/attn_v; "
+                                 "pyllm needs all three or none")
             layers.append(
                 Layer(
                     attn_norm=vector(p + "attn_norm.weight", d),
@@ -163,12 +298,13 @@ class Model:
                     bq=vector(p + "attn_q.bias", q_dim, required=False),
                     bk=vector(p + "attn_k.bias", kv_dim, required=False),
                     bv=vector(p + "attn_v.bias", kv_dim, required=False),
+                    bo=vector(p + "attn_output.bias", d, required=False),
                 )
             )
         token_embd = weight("token_embd.weight", a.vocab_size, d)
         output = token_embd if a.tie_word_embeddings else weight("output.weight", a.vocab_size, d)
-        freq_factors = gguf.array("rope_freqs.weight").reshape(-1) if "rope_freqs.weight" in gguf.tensors else None
-        cos, sin = ops.rope_tables(n_ctx, a.rope_dim, a.rope_theta, freq_factors, a.rope_linear_scale)
+        freq_factors = vector("rope_freqs.weight", a.rope_dim // 2, required=False)  # Llama-3 rope scaling
+        cos, sin = rope_tables(n_ctx, a.rope_dim, a.rope_theta, a.rope_scaling, freq_factors)
         cache_shape = (a.num_hidden_layers, a.num_key_value_heads, n_ctx, hd)
         return cls(
             args=a,
@@ -240,6 +376,8 @@ class Model:
             ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], start)
             ops.attention(q, self.k_cache[li], self.v_cache[li], start, attn)
             x += linear(L.wo, attn)
+            if L.bo is not None:
+                x += L.bo
             ops.rmsnorm(x, L.ffn_norm, eps, h)
             gate = linear(L.w_gate, h)  # (n, intermediate)
             ops.silu_mul(gate, linear(L.w_up, h))

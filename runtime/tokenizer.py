@@ -75,7 +75,7 @@ PRE_ALIASES = {
     "": "default", "default": "default",
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3", "dbrx": "llama3",
     "smaug-bpe": "llama3", "chatglm-bpe": "llama3",
-    "gpt2": "gpt2", "gpt-2": "gpt2", "phi-2": "gpt2", "jina-es": "gpt2", "jina-de": "gpt2", "gigachat": "gpt2",
+    "gpt-2": "gpt2", "phi-2": "gpt2", "jina-es": "gpt2", "jina-de": "gpt2", "gigachat": "gpt2",
     "jina-v1-en": "gpt2", "jina-v2-es": "gpt2", "jina-v2-de": "gpt2", "jina-v2-code": "gpt2", "roberta-bpe": "gpt2",
     "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
     "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "smollm": "smollm", "codeshell": "smollm",
@@ -184,7 +184,8 @@ class Tokenizer:
         if model is None:
             raise PyllmError("the model file has no tokenizer (tokenizer.ggml.model is missing)")
         if model not in ("llama", "gpt2"):
-            raise PyllmError(f"unsupported tokenizer type {model!r} (tokenizer.ggml.model); only 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) are supported")
+            raise PyllmError(f"unsupported tokenizer type {model!r} (tokenizer.ggml.model); "
+                             "only 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) are supported")
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None or len(tokens) == 0:
             raise PyllmError("the model file has no vocabulary (tokenizer.ggml.tokens is missing)")
@@ -224,7 +225,8 @@ class Tokenizer:
             pre = str(meta.get("tokenizer.ggml.pre", "") or "")
             key = PRE_ALIASES.get(pre)
             if key is None:
-                print(f"warning: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); using the GPT-2 regex", file=sys.stderr)
+                print(f"warning: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); using the GPT-2 regex",
+                      file=sys.stderr)
                 key = "gpt2"
             self.pre = key
             add_bos_default = key in _PRE_ADD_BOS

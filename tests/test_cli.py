@@ -80,12 +80,10 @@ def test_info_describes_model(smollm2):
     assert "chat template  yes" in r.stdout and "134.52 M" in r.stdout
 
 
-def test_import_is_fast_and_torch_free():
-    code = (
-        "import time, sys; t = time.perf_counter(); import pyllm; dt = time.perf_counter() - t;"
-        "m = pyllm.load(); pyllm.generate(m, 'Once', max_tokens=5);"
-        "print(dt, 'torch' in sys.modules)"
-    )
+def test_runs_without_torch():
+    """Loading and generating never imports torch (how fast it starts is measured by
+    benchmarks/bench_startup.py, not asserted here)."""
+    code = "import sys, pyllm; m = pyllm.load(); pyllm.generate(m, 'Once', max_tokens=5); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    dt, has_torch = out.stdout.split()
-    assert float(dt) < 0.5 and has_torch == "False"
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]

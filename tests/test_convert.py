@@ -7,6 +7,7 @@ tokenizer must be identical), transformers' logits for tiny random models in tes
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from pyllm.runtime.gguf_file import GGUFFile
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
-HPARAM_KEYS = ("general.architecture", "llama.embedding_length", "llama.feed_forward_length", "llama.attention.head_count",
-               "llama.attention.head_count_kv", "llama.block_count", "llama.rope.dimension_count",
+HPARAM_KEYS = ("general.architecture", "llama.embedding_length", "llama.feed_forward_length",
+               "llama.attention.head_count", "llama.attention.head_count_kv", "llama.block_count",
+               "llama.rope.dimension_count",
                "llama.attention.layer_norm_rms_epsilon")
 
 
@@ -66,11 +68,14 @@ def test_stories_hf_matches_official(tmp_path, stories260k):
     assert ours.metadata["llama.rope.freq_base"] == 10000.0
 
 
-@pytest.mark.parametrize("tok", ["tok512.bin", "tok512.model"])
+@pytest.mark.parametrize("tok", ["tok512.bin", "tok512.model", "tok512.model as .bin"])
 def test_stories_llama2c_matches_official(tmp_path, stories260k, tok):
     src = shared_file("llama2c/stories260K.bin")
     out = tmp_path / "s.gguf"
-    convert_llama2c(src, out, shared_file(f"llama2c/{tok}"), "f32")
+    tok_file = shared_file(f"llama2c/{tok.split()[0]}")
+    if tok.endswith("as .bin"):  # a SentencePiece protobuf under another name: recognised by parsing it
+        tok_file = shutil.copy(tok_file, tmp_path / "tokenizer.bin")
+    convert_llama2c(src, out, tok_file, "f32")
     ours, ref = GGUFFile(out), GGUFFile(stories260k)
     assert list(ours.tensors) == list(ref.tensors)  # same names, same order
     for name in ref.tensors:
@@ -100,10 +105,76 @@ def test_llama2c_f16_and_cli(tmp_path, stories260k):
             assert np.array_equal(ours.raw(name).view(np.float16), ref.raw(name).view(np.float32).astype(np.float16))
 
 
+def write_llama2c_checkpoint(path, vocab, dim=8, hidden=16, layers=1, heads=2, kv_heads=2, seq_len=8, seed=0):
+    """A random llama2.c version-0 checkpoint, laid out as llama2.c's run.c reads it (header of
+    7 int32, then the float32 arrays; the shared classifier is not stored)."""
+    head = dim // heads
+    kv_dim = kv_heads * head
+    n = (vocab * dim + layers * dim + layers * dim * dim + 2 * layers * kv_dim * dim + layers * dim * dim
+         + layers * dim + 3 * layers * hidden * dim + dim + seq_len * head)  # ... rms_final, freq_cis_real+imag
+    w = np.random.default_rng(seed).standard_normal(n).astype(np.float32) * 0.1
+    path.write_bytes(struct.pack("<7i", dim, hidden, layers, heads, kv_heads, vocab, seq_len) + w.tobytes())
+
+
+def write_llama2c_tokenizer(path, pieces, max_token_length=None):
+    """llama2.c's tokenizer.bin layout (tokenizer.py export): int32 max_token_length, then per
+    piece float32 score, int32 length, bytes."""
+    if max_token_length is None:
+        max_token_length = max(len(p) for p in pieces)
+    out = [struct.pack("<i", max_token_length)]
+    for i, p in enumerate(pieces):
+        out.append(struct.pack("<fi", -float(i), len(p)) + p)
+    path.write_bytes(b"".join(out))
+
+
+# the first int32 of these files is the longest piece's length; 10 makes its first byte 0x0a,
+# which is also how a SentencePiece protobuf starts
+@pytest.mark.parametrize("longest", [1, 10, 16, 255])
+def test_llama2c_tokenizer_any_longest_piece(tmp_path, longest):
+    from pyllm.cli.main import main
+    from pyllm.runtime.tokenizer import Tokenizer
+
+    pieces = [b"u", b"b", b"e", b"a", b" ", b"", b"<0x41>"[:longest], b"z" * longest]
+    pieces = [p[:longest] for p in pieces]
+    ckpt, tok, out = tmp_path / "m.bin", tmp_path / "tok8.bin", tmp_path / "m.gguf"
+    write_llama2c_checkpoint(ckpt, len(pieces))
+    write_llama2c_tokenizer(tok, pieces)
+    assert tok.read_bytes()[0] == longest
+    assert main(["convert", str(ckpt), "-o", str(out), "--tokenizer", str(tok), "-q", "--outtype", "f32"]) == 0
+    meta = GGUFFile(out).metadata
+    # convert-llama2c-to-ggml's load_vocab: ids 0..2 renamed, spaces as U+2581, empty -> control,
+    # <0xNN> -> byte; scores as stored
+    want = ["<unk>", "<s>", "</s>"] + [p.decode().replace(" ", "\u2581") for p in pieces[3:]]
+    assert list(meta["tokenizer.ggml.tokens"]) == want
+    assert list(meta["tokenizer.ggml.scores"]) == [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3, 1, 1, 3, 6 if longest >= 4 else 1, 1]  # UNKNOWN, CONTROL, NORMAL, BYTE
+    assert list(meta["tokenizer.ggml.token_type"]) == types
+    assert Tokenizer.from_metadata(meta).encode("a", add_bos=False) == [4, 3]  # the space prefix, then "a"
+
+
+def test_llama2c_tokenizer_truncated_or_wrong_size(tmp_path, capsys):
+    from pyllm.cli.main import main
+
+    pieces = [b"u", b"b", b"e", b"ab", b"cd", b"ef", b"gh", b"ij"]
+    ckpt, tok, out = tmp_path / "m.bin", tmp_path / "tok8.bin", tmp_path / "m.gguf"
+    write_llama2c_checkpoint(ckpt, len(pieces))
+    write_llama2c_tokenizer(tok, pieces)
+    full = tok.read_bytes()
+    for data, reason in ((full[:-5], "truncated"), (full[:7], "truncated"), (full + full[4:14], "bytes left after")):
+        tok.write_bytes(data)
+        assert main(["convert", str(ckpt), "-o", str(out), "--tokenizer", str(tok), "-q"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {tok}: not a llama2.c tokenizer (") and reason in err, err
+        assert "not a SentencePiece model" in err and "\n" not in err
+        assert not out.exists() and not no_leftovers(tmp_path)
+
+
 # -- tiny random HF models: transformers' logits are the oracle ----------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen2-yarn", "llama-bias"])
 def test_tiny_hf_logits_match_transformers(tmp_path, arch):
+    """qwen2-yarn: YaRN rope scaling over 320 positions, past its 256-token original context;
+    llama-bias: attention_bias=true, so attn_output.bias too."""
     import pyllm
 
     src = FIXTURES / f"tiny-{arch}"
@@ -133,7 +204,8 @@ def test_tiny_hf_metadata_and_layout(tmp_path):
     assert "output.weight" not in g["qwen2"].tensors and "output.weight" in g["llama"].tensors
     # qwen2 biases, unpermuted (NEOX rope); llama q permuted
     st = SafetensorsModel(FIXTURES / "tiny-qwen2")
-    assert np.array_equal(g["qwen2"].array("blk.0.attn_q.weight"), st["model.layers.0.self_attn.q_proj.weight"].to_f32())
+    q = st["model.layers.0.self_attn.q_proj.weight"].to_f32()
+    assert np.array_equal(g["qwen2"].array("blk.0.attn_q.weight"), q)
     assert np.array_equal(g["qwen2"].array("blk.1.attn_k.bias"), st["model.layers.1.self_attn.k_proj.bias"].to_f32())
     st = SafetensorsModel(FIXTURES / "tiny-mistral")  # sharded, f16
     assert len(st.files) == 2
@@ -162,6 +234,42 @@ def test_tiny_hf_outtypes(tmp_path):
         if qtype == GGMLType.BF16:  # bf16 -> bf16 is lossless
             raw = st["model.layers.0.mlp.down_proj.weight"].raw()
             assert np.array_equal(g.raw("blk.0.ffn_down.weight").view(np.uint16).reshape(raw.shape), raw)
+
+
+def test_rope_scaling_and_options_written_or_refused(tmp_path):
+    """YaRN and linear keys as llama.cpp's converter writes them; options that neither GGUF nor
+    llama.cpp's llama/qwen2 carry are refused, so no file runs without them."""
+    out = tmp_path / "v.gguf"
+    convert_hf(FIXTURES / "tiny-qwen2-yarn", out, vocab_only=True)
+    m = GGUFFile(out).metadata
+    assert (m["qwen2.rope.scaling.type"], m["qwen2.rope.scaling.factor"]) == ("yarn", 4.0)
+    assert m["qwen2.rope.scaling.original_context_length"] == 256 and m["qwen2.context_length"] == 1024
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+    refused = [
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "beta_fast": 16}}, "beta_fast = 16 is not supported"),
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "attention_factor": 1.0}}, "attention_factor = 1.0 is not supp"),
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "mscale": 0.7, "mscale_all_dim": 0.7}}, "mscale = 0.7"),
+        ("tiny-qwen2", {"rope_parameters": {**yarn, "truncate": False}}, "truncate = False"),
+        ("tiny-qwen2", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}},
+         "rope_scaling type 'dynamic' is not supported"),
+        ("tiny-qwen2", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e6}},
+         "rope_scaling type 'llama3' is not supported"),
+        ("tiny-llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope' is not supp"),
+        ("tiny-qwen2", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window is not supported"),
+        ("tiny-llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ]
+    for name, change, match in refused:
+        d = _copy_fixture(tmp_path / name, name)
+        _edit_config(d, **change)
+        with pytest.raises(PyllmError, match=match):
+            convert_hf(d, tmp_path / "o.gguf")
+        assert not (tmp_path / "o.gguf").exists()
+    d = _copy_fixture(tmp_path / "m", "tiny-mistral")
+    _edit_config(d, sliding_window=128, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    convert_hf(d, out, vocab_only=True)
+    m = GGUFFile(out).metadata
+    assert m["llama.attention.sliding_window"] == 128  # pyllm then keeps the context within it
+    assert (m["llama.rope.scaling.type"], m["llama.rope.scaling.factor"]) == ("linear", 2.0)
 
 
 def test_llama3_rope_factors_formula():
@@ -232,7 +340,7 @@ def test_detect_pre():
 
 def _copy_fixture(tmp_path, name="tiny-llama"):
     d = tmp_path / name
-    shutil.copytree(FIXTURES / name, d)
+    shutil.copytree(FIXTURES / name, d, dirs_exist_ok=True)
     return d
 
 
@@ -245,7 +353,8 @@ def _edit_config(d, **changes):
 def test_unsupported_architecture(tmp_path):
     d = _copy_fixture(tmp_path)
     _edit_config(d, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(PyllmError, match="unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(PyllmError,
+                       match="unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*Qwen2ForCausalLM"):
         convert_hf(d, tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
 

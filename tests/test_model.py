@@ -39,7 +39,8 @@ def test_smollm2_logits_match_reference(smollm2):
     from reference_llama import forward, load_weights
 
     model = pyllm.load(smollm2, n_ctx=256, n_threads=2)
-    text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris."
+    text = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+            "The capital of France is Paris.")
     ids = model.tokenizer.encode(text)
     ours = model.logits(ids)  # (n, vocab)
     ref = forward(*load_weights(smollm2), ids)
@@ -97,3 +98,193 @@ def test_unknown_architecture_is_a_clear_error(tmp_path, stories260k):
     bad.write_bytes(bytes(data))
     with pytest.raises(PyllmError, match="unsupported architecture 'gpt99'; supported: llama, mistral, qwen2"):
         pyllm.load(bad)
+
+
+# -- rope tables: llama.cpp's own loop, transliterated ---------------------------------------
+
+
+def _ggml_rope_tables(n_ctx, n_dims, base, kind, factor, n_ctx_orig, rope_attn_factor, freq_factors=None):
+    """cos/sin as llama.cpp computes them, step by step and in its order: the context's
+    freq_scale / ext_factor / attn_factor (src/llama-context.cpp), ggml_rope_yarn_corr_dims
+    (ggml.c), ggml_rope_cache_init and rope_yarn (ggml-cpu/ops.cpp). Float64, scalar loops."""
+    import math
+
+    freq_scale = 1.0 if kind == "none" else 1.0 / factor
+    ext_factor = 1.0 if kind == "yarn" else 0.0
+    attn_factor = 1.0
+    if ext_factor != 0:
+        f = 1.0 / freq_scale
+        attn_factor = 1.0 if f <= 1.0 else 0.1 * math.log(f) + 1.0  # get_mscale(factor, 1)
+        attn_factor *= 1.0 / (1.0 + 0.1 * math.log(f))
+    attn_factor *= rope_attn_factor
+
+    def corr_dim(n_rot):
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(0, math.floor(corr_dim(32.0))), min(n_dims - 1, math.ceil(corr_dim(1.0)))
+    theta_scale = base ** (-2.0 / n_dims)
+    cos = np.zeros((n_ctx, n_dims // 2))
+    sin = np.zeros((n_ctx, n_dims // 2))
+    for p in range(n_ctx):
+        theta = float(p)
+        for i0 in range(0, n_dims, 2):
+            ff = 1.0 if freq_factors is None else float(freq_factors[i0 // 2])
+            theta_extrap = theta / ff
+            theta_interp = freq_scale * theta_extrap
+            t, mscale = theta_interp, attn_factor
+            if ext_factor != 0.0:
+                y = (i0 // 2 - low) / max(0.001, high - low)
+                ramp_mix = (1 - min(1, max(0, y))) * ext_factor
+                t = theta_interp * (1 - ramp_mix) + theta_extrap * ramp_mix
+                mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+            cos[p, i0 // 2] = math.cos(t) * mscale
+            sin[p, i0 // 2] = math.sin(t) * mscale
+            theta *= theta_scale
+    return cos, sin
+
+
+@pytest.mark.parametrize("kind,factor,orig,attn,dims,base", [
+    ("none", 1.0, 64, 1.0, 8, 10000.0),
+    ("linear", 4.0, 64, 1.0, 16, 10000.0),
+    ("linear", 2.0, 64, 0.5, 8, 500000.0),   # rope.scaling.attn_factor scales any type
+    ("yarn", 4.0, 256, 1.0, 16, 10000.0),
+    ("yarn", 8.0, 4096, 1.0, 64, 1000000.0),  # Qwen2.5-like: ramp inside the dims
+    ("yarn", 16.0, 32, 1.3, 32, 100.0),
+    ("yarn", 0.5, 128, 1.0, 16, 10000.0),     # a factor below 1: no attention factor
+])
+def test_rope_tables_equal_llama_cpp_loop(kind, factor, orig, attn, dims, base):
+    from pyllm.runtime.rope import RopeScaling, rope_tables
+
+    ff = np.linspace(1.0, 8.0, dims // 2) if kind == "linear" and attn == 1.0 else None  # Llama-3 rope_freqs
+    cos, sin = rope_tables(300, dims, base, RopeScaling(kind, factor, orig, attn), ff)
+    want_cos, want_sin = _ggml_rope_tables(300, dims, base, kind, factor, orig, attn, ff)
+    assert cos.shape == (300, dims // 2) and cos.dtype == np.float32
+    np.testing.assert_allclose(cos, want_cos, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(sin, want_sin, atol=2e-6, rtol=0)
+
+
+# -- models that must not run silently wrong: every unused tensor or option is refused --------
+
+
+def _rewrite(src, dst, set_kv=(), drop_kv=(), add_tensors=None, drop_tensors=()):
+    """A copy of the F32 GGUF src with keys set ((key, value, type) triples) or dropped and
+    tensors added ({name: float32 array}) or dropped."""
+    from pyllm.base import GGMLType, ValueType
+    from pyllm.convert.gguf_writer import GGUFWriter
+    from pyllm.runtime.gguf_file import GGUFFile
+
+    g = GGUFFile(src)
+    w = GGUFWriter(dst)
+    for key, value in g.metadata.items():
+        if key not in drop_kv:
+            w.add(key, value, *g.value_types[key])
+    for key, value, vtype in set_kv:
+        item = None
+        if isinstance(vtype, tuple):
+            vtype, item = ValueType.ARRAY, vtype[1]
+        w.add(key, value, vtype, item)
+    tensors = {n: g.array(n) for n in g.tensors if n not in drop_tensors}
+    tensors.update(add_tensors or {})
+    for name, x in tensors.items():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        w.add_tensor(name, x.shape, GGMLType.F32, lambda x=x: x)
+    w.write()
+    return dst
+
+
+U32, F32, STR, BOOL = 4, 6, 8, 7  # GGUF value types
+
+
+@pytest.mark.parametrize("set_kv,drop,match", [
+    ([("llama.rope.scaling.type", "longrope", STR)], (),
+     r"llama.rope.scaling.type = 'longrope'.*supported: none, linear, yarn"),
+    ([("llama.foo_gating", 1, U32)], (), r"unsupported llama.foo_gating = 1 \(an option pyllm does not know"),
+    ([("llama.expert_count", 8, U32), ("llama.expert_used_count", 2, U32)], (),
+     r"llama.expert_(used_)?count = [82]"),
+    ([("llama.final_logit_softcapping", 30.0, F32)], (), r"llama.final_logit_softcapping = 30.0"),
+    ([("llama.attn_logit_softcapping", 50.0, F32)], (), r"llama.attn_logit_softcapping = 50.0"),
+    ([("llama.attention.causal", False, BOOL)], (), r"llama.attention.causal = False"),
+    ([("llama.attention.value_length", 16, U32)], (),
+     r"llama.attention.value_length = 16 \(values of another size"),
+    ([("llama.rope.dimension_count", 4, U32)], (), r"llama.rope.dimension_count = 4 \(partial rotary"),
+    ([("llama.rope.scaling.yarn_beta_fast", 16.0, F32), ("llama.rope.scaling.type", "yarn", STR)], (),
+     r"llama.rope.scaling.yarn_beta_fast = 16.0"),
+    ([("llama.rope.scaling.yarn_log_multiplier", 0.1, F32)], (), r"yarn_log_multiplier = 0.1"),
+    ([("llama.rope.scaling.yarn_ext_factor", 0.5, F32)], (), r"yarn_ext_factor = 0.5"),
+    ([("llama.attention.scale", 0.5, F32)], (),
+     r"llama.attention.scale = 0.5 \(pyllm scales attention by 1/sqrt\(8\)"),
+    ([("llama.attention.head_count", np.array([8, 8, 4, 8, 8], np.uint32), ("array", U32))], (),
+     r"llama.attention.head_count = \[8, 8, 4, 8, ...\] \(per-layer values"),
+    ([("llama.attention.head_count_kv", 3, U32)], (), r"8 attention heads cannot share 3 key/value heads"),
+    ([], ("llama.attention.layer_norm_rms_epsilon",),
+     r"missing required key llama.attention.layer_norm_rms_epsilon"),
+])
+def test_unsupported_options_are_refused(tmp_path, stories260k, set_kv, drop, match):
+    bad = _rewrite(stories260k, tmp_path / "bad.gguf", set_kv=set_kv, drop_kv=drop)
+    with pytest.raises(PyllmError, match=match) as e:
+        pyllm.load(bad, n_ctx=32)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("tensor,shape,match", [
+    ("blk.0.ffn_gate.bias", (172,), r"tensor blk.0.ffn_gate.bias is not used"),
+    ("blk.2.attn_qkv.weight", (64 * 2, 64), r"tensor blk.2.attn_qkv.weight is not used"),
+    ("blk.5.attn_q.weight", (64, 64), r"tensor blk.5.attn_q.weight is not used"),  # a sixth layer of five
+    ("output.bias", (512,), r"tensor output.bias is not used"),
+    ("something_else.weight", (4,), r"tensor something_else.weight is not used"),
+    ("blk.1.attn_q.bias", (64,), r"layer 1 has biases for only some of attn_q/attn_k/attn_v"),
+    ("rope_freqs.weight", (3,), r"rope_freqs.weight has 3 values, expected 4"),
+])
+def test_unused_or_partial_tensors_are_refused(tmp_path, stories260k, tensor, shape, match):
+    bad = _rewrite(stories260k, tmp_path / "bad.gguf", add_tensors={tensor: np.ones(shape, np.float32)})
+    with pytest.raises(PyllmError, match=match) as e:
+        pyllm.load(bad, n_ctx=32)
+    assert "\n" not in str(e.value)
+
+
+def test_qwen2_refuses_what_llama_cpp_qwen2_does_not_load(tmp_path):
+    from pyllm.convert.hf import convert_hf
+
+    src = tmp_path / "q.gguf"
+    convert_hf(Path(__file__).parent / "fixtures" / "tiny-qwen2", src, "f32")
+    for name, shape in (("rope_freqs.weight", (8,)), ("blk.0.attn_output.bias", (64,))):
+        bad = _rewrite(src, tmp_path / "bad.gguf", add_tensors={name: np.ones(shape, np.float32)})
+        with pytest.raises(PyllmError, match=f"tensor {name} is not used by pyllm's qwen2 model"):
+            pyllm.load(bad, n_ctx=32)
+
+
+def test_accepted_option_values(tmp_path, stories260k):
+    """Keys at their "not used" value, uniform per-layer arrays and informational keys load and
+    give the same logits; a sliding window is refused only when the context exceeds it."""
+    ids = [1, 403, 407, 261, 378]
+    ref = pyllm.load(stories260k, n_ctx=32).logits(ids)
+    same = _rewrite(stories260k, tmp_path / "same.gguf", set_kv=[
+        ("llama.expert_count", 0, U32), ("llama.attention.causal", True, BOOL), ("llama.vocab_size", 512, U32),
+        ("llama.rope.scaling.finetuned", False, BOOL), ("llama.rope.scaling.type", "none", STR),
+        ("llama.rope.scaling.factor", 4.0, F32),  # type none: never scaled, as in llama.cpp
+        ("llama.attention.head_count", np.full(5, 8, np.uint32), ("array", U32)),
+        ("llama.attention.scale", 8 ** -0.5, F32), ("llama.attention.sliding_window", 32, U32)])
+    np.testing.assert_array_equal(pyllm.load(same, n_ctx=32).logits(ids), ref)
+    with pytest.raises(PyllmError, match=r"sliding window of 32 tokens.*-c 32"):
+        pyllm.load(same, n_ctx=64)
+
+
+def test_rope_scaling_keys_reach_the_tables(tmp_path, stories260k):
+    """A bare rope.scaling.factor scales linearly (llama.cpp's default type is linear), as does
+    the old rope.scale_linear; rope.scaling.attn_factor multiplies cos and sin."""
+    from pyllm.runtime.rope import RopeScaling, rope_tables
+
+    cases = [
+        ([("llama.rope.scaling.factor", 4.0, F32)], RopeScaling("linear", 4.0, 2048)),
+        ([("llama.rope.scale_linear", 2.0, F32)], RopeScaling("linear", 2.0, 2048)),
+        ([("llama.rope.scaling.type", "yarn", STR), ("llama.rope.scaling.factor", 4.0, F32),
+          ("llama.rope.scaling.original_context_length", 256, U32), ("llama.rope.scaling.attn_factor", 0.9, F32),
+          ("llama.rope.scaling.yarn_ext_factor", 1.0, F32), ("llama.rope.scaling.yarn_beta_fast", 32.0, F32)],
+         RopeScaling("yarn", 4.0, 256, attn_factor=0.9)),
+    ]
+    for set_kv, want in cases:
+        m = pyllm.load(_rewrite(stories260k, tmp_path / "s.gguf", set_kv=set_kv), n_ctx=64)
+        assert m.args.rope_scaling.type == want.type and m.args.rope_scaling.factor == want.factor
+        cos, sin = rope_tables(64, 8, 10000.0, want)
+        np.testing.assert_allclose(m.rope_cos, cos, rtol=1e-6)
+        np.testing.assert_allclose(m.rope_sin, sin, rtol=1e-6)

@@ -7,6 +7,7 @@ No expected id is typed by hand: every expectation comes from a reference implem
 import copy
 import functools
 import json
+import subprocess
 
 import pytest
 from conftest import shared_file
@@ -186,7 +187,7 @@ def test_spm_special_tokens_and_pieces(llama_spm):
     bos, eos = tok.bos_id, tok.eos_id
     assert tok.token_text(bos) == "<s>" and tok.is_control(bos) and tok.is_control(eos)
     # parse_special splits control tokens out; the text after one gets the space prefix again
-    hello = tok.encode("Hello", add_bos=False)
+    hello = _sentencepiece("llama2c/tokenizer.model").encode("Hello")  # the reference's ids
     assert tok.encode("<s>Hello", add_bos=False) == [bos] + hello
     assert tok.encode("Hello</s><s>Hello", add_bos=False) == hello + [eos, bos] + hello
     assert tok.encode("") == [bos] and tok.encode("", add_bos=False) == []
@@ -261,6 +262,95 @@ def test_bpe_other_pre_tokenizers(smol_meta, pre, split, ignore_merges):
     for text in _samples(n_lines=100, chunk=4000, n_chunks=2):
         ref = hf.encode(text, add_special_tokens=False).ids
         assert tok.encode(text, add_bos=False) == ref, repr(text[:80])
+
+
+# Pre-tokenizers as their model family's tokenizer.json defines them (copied from the public
+# files: openai-community/gpt2 and tiiuae/falcon-7b on the Hugging Face hub).
+HF_PRE_TOKENIZERS = {
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    "falcon": {"type": "Sequence", "pretokenizers": [
+        {"type": "Punctuation", "behavior": "Contiguous"},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        {"type": "Digits", "individual_digits": False},
+        {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": False}]},
+}
+
+
+@pytest.mark.parametrize("pre", sorted(HF_PRE_TOKENIZERS))
+def test_bpe_family_pre_tokenizers_match_hf(smol_meta, pre):
+    """SmolLM2's vocabulary under the GPT-2 / Falcon pre-tokenizer, against HF tokenizers with
+    that family's tokenizer.json pre_tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    spec = json.loads(shared_file("hf/SmolLM2-135M-Instruct/tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = HF_PRE_TOKENIZERS[pre]
+    hf = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    meta = dict(smol_meta)
+    meta["tokenizer.ggml.pre"] = pre
+    tok = Tokenizer.from_metadata(meta)
+    texts = _samples(n_lines=100, chunk=4000, n_chunks=2)
+    if pre == "falcon":
+        # HF runs Falcon's Digits step on the byte-mapped text, where the bytes B2 B3 B9 BC BD BE
+        # stand for the numeric characters ² ³ ¹ ¼ ½ ¾, so it splits inside e.g. "м" (D0 BC);
+        # llama.cpp's falcon regexes (which pyllm follows, tested against llama-tokenize) do not.
+        texts = [t for t in texts if not set(t.encode("utf-8")) & {0xB2, 0xB3, 0xB9, 0xBC, 0xBD, 0xBE}]
+        assert len(texts) > 300
+    for text in texts:
+        assert tok.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, repr(text[:80])
+
+
+def _pre_names(canonical: bool) -> list:
+    """tokenizer.ggml.pre names pyllm accepts: one per regex set (canonical), or all the others."""
+    from pyllm.runtime.tokenizer import PRE_ALIASES
+
+    first = {}
+    for name in sorted(n for n in PRE_ALIASES if n):
+        first.setdefault(PRE_ALIASES[name], name)
+    names = set(first.values())
+    return sorted(names if canonical else set(n for n in PRE_ALIASES if n) - names)
+
+
+def _check_against_llama_tokenize(tmp_path, gguf_path, pre, text):
+    """pyllm's ids for text with SmolLM2's vocabulary named `pre` equal llama-tokenize's
+    (parse_special off, no BOS); on a difference, say where."""
+    from conftest import llama_cpp_tool
+    from pyllm.base import ValueType
+    from pyllm.convert.gguf_writer import GGUFWriter
+
+    g = GGUFFile(gguf_path)
+    vocab = tmp_path / f"vocab-{pre}.gguf"
+    w = GGUFWriter(vocab)
+    for key, value in g.metadata.items():
+        w.add(key, value, *g.value_types[key])
+    w.add("tokenizer.ggml.pre", pre, ValueType.STRING)
+    w.write()
+    f = tmp_path / "text.txt"
+    f.write_bytes(text.encode("utf-8"))
+    proc = subprocess.run([str(llama_cpp_tool("llama-tokenize")), "-m", str(vocab), "-f", str(f), "--ids",
+                           "--no-bos", "--no-escape"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    meta = dict(g.metadata)
+    meta["tokenizer.ggml.pre"] = pre
+    tok = Tokenizer.from_metadata(meta)
+    ours = tok.encode(text, add_bos=False, parse_special=False)
+    if ours != theirs:
+        i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise AssertionError(f"{pre}: first difference at token {i}: ours {tok.decode(ours[i:i + 8])!r}, "
+                             f"llama.cpp {tok.decode(theirs[i:i + 8])!r}, after {tok.decode(ours[max(0, i - 8):i])!r}")
+
+
+@pytest.mark.parametrize("pre", _pre_names(canonical=True))
+def test_pre_tokenizers_match_llama_tokenize(tmp_path, smollm2, pre):
+    """Each pre-tokenizer regex set tokenizes as llama.cpp's own llama-tokenize does, on one
+    text holding every sample (the tricky strings, lines and chunks of the three texts)."""
+    _check_against_llama_tokenize(tmp_path, smollm2, pre, "\n".join(_samples(n_lines=60, chunk=3000, n_chunks=1)))
+
+
+def test_pre_tokenizer_aliases_match_llama_tokenize(tmp_path, smollm2):
+    """Every other tokenizer.ggml.pre name pyllm maps onto one of those sets is that set in
+    llama.cpp too (on the tricky strings)."""
+    for pre in _pre_names(canonical=False):
+        _check_against_llama_tokenize(tmp_path, smollm2, pre, "\n".join(EXTRA))
 
 
 def test_every_pre_tokenizer_round_trips(smol_meta):

@@ -51,10 +51,13 @@ Quantizers (our stated rules; tests/lowbit_reference.py is an independent float6
   ValueError for NaN input (and MXFP4 for Inf too, which ggml's reference cannot encode); the
   block kernels themselves write +0 for NaN and never fail.
 
-The fused dots multiply decoded values straight into 32 (8 for the AVX2 table kernels) float32
-lane accumulators, like matmul.py's. NF4 and MXFP4 decode through a 16-entry float table: on
-AVX2 with two vpermps (llvm.x86.avx2.permps) per 8 weights, emitted by a Numba @intrinsic over
-an 8 x float32 vector type; elsewhere with plain table loads (about 2.5x slower).
+The fused dots keep 8 float32 lane accumulators (a Numba type for LLVM's <8 x float>) and
+decode one block at a time in 32-bit vector lanes, emitted as LLVM IR by Numba @intrinsics:
+FP8/FP6 codes become floats by placing their exponent and mantissa bits into a float32 (plain
+vector IR, portable); NF4 and MXFP4 look their nibbles up in a 16-entry float table with two
+vpermps (llvm.x86.avx2.permps) per 8 weights on AVX2, with plain table loads elsewhere (about
+2.5x slower). Dots and decoders thus give the same values as the decoders, summed in another
+order; their IR never assumes "no NaN/Inf", so NaN and Inf codes reach the result.
 """
 
 import numpy as np
@@ -118,6 +121,74 @@ def _bits_f32(typingctx, u):
     return types.float32(u), codegen
 
 
+# -- 8-lane vectors ------------------------------------------------------------------------------
+# A Numba type for an LLVM <8 x float> value lets the loops below carry 8 lanes in a register;
+# the intrinsics on it are plain LLVM vector IR (two SSE registers where there is no AVX).
+
+class _F32x8(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x8")
+
+
+f32x8 = _F32x8()
+# float flags of the IR below: reassociation (the lanes sum in any order), never "nnan"/"ninf",
+# so NaN and Inf codes reach the results
+_FLAGS = ("reassoc", "contract", "nsz", "arcp")
+_V8F = ir.VectorType(ir.FloatType(), 8)
+_V8I = ir.VectorType(ir.IntType(32), 8)
+
+
+@register_model(_F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8F)
+
+
+def _element_ptr(context, builder, arrty, arr, index):
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [index])
+
+
+@intrinsic
+def _zeros8(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8F, [0.0] * 8)
+
+    return f32x8(), codegen
+
+
+@intrinsic
+def _load8(typingctx, arr, i):
+    """arr[i:i+8] (float32) as a vector."""
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, _V8F.as_pointer()), align=4)
+
+    return f32x8(arr, i), codegen
+
+
+@intrinsic
+def _sum8(typingctx, v):
+    def codegen(context, builder, sig, args):
+        s = builder.extract_element(args[0], ir.Constant(ir.IntType(32), 0))
+        for k in range(1, 8):
+            s = builder.fadd(s, builder.extract_element(args[0], ir.Constant(ir.IntType(32), k)))
+        return s
+
+    return types.float32(f32x8), codegen
+
+
+@intrinsic
+def _axpy8(typingctx, d, v, acc):
+    """acc + d * v for a float32 scalar d."""
+    def codegen(context, builder, sig, args):
+        d, v, acc = args
+        dv = builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, ir.Constant(ir.IntType(32), 0))
+        dv = builder.shuffle_vector(dv, dv, ir.Constant(_V8I, [0] * 8))
+        return builder.fadd(acc, builder.fmul(dv, v, flags=_FLAGS), flags=_FLAGS)
+
+    return f32x8(types.float32, f32x8, f32x8), codegen
+
+
 # -- OCP float elements -------------------------------------------------------------------------
 # A format is (mbits, bias, sign_bit, max_mag, inf_mag, nan_mag); *_mag are codes without the
 # sign, -1 where the format has no such code: nan_mag is the NaN the encoder writes (codes above
@@ -158,19 +229,35 @@ def encode_fp(v, mbits, bias, sign_bit, max_mag, inf_mag, nan_mag):
     return sign | min(mag, max_mag)
 
 
-@njit(inline="always")
-def decode_fp(c, mbits, bias, sign_bit, max_mag, inf_mag, nan_mag):
-    """A code -> its float32 value (exact)."""
-    mag = np.int64(c) & (sign_bit - 1)
+def _emit_decode(builder, code, fmt):
+    """LLVM IR: an i32 code (or a vector of them) -> its float32 value(s), exactly. All in 32-bit
+    lanes, so a loop of these vectorises 8 wide on AVX2 (Numba's integer arithmetic is 64-bit)."""
+    mbits, bias, sign_bit, max_mag, inf_mag, nan_mag = fmt
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    lanes = code.type.count if isinstance(code.type, ir.VectorType) else 0
+
+    def k(n, t=i32):
+        return ir.Constant(ir.VectorType(t, lanes), [n] * lanes) if lanes else ir.Constant(t, n)
+
+    def kf(x):
+        return k(x, ir.FloatType())
+
+    if lanes:
+        f32 = ir.VectorType(f32, lanes)
+
+    mag = builder.and_(code, k(sign_bit - 1))
     # place exponent and mantissa into a float32 with the exponent rebiased
-    f = _bits_f32((mag << (23 - mbits)) + ((127 - bias) << 23))
-    if mag < (1 << mbits):  # exponent 0: subnormal m * 2^(1-bias-mbits) = (f - 2^-bias) * 2
-        f = (f - _bits_f32((127 - bias) << 23)) * np.float32(2.0)
-    if inf_mag >= 0 and mag >= inf_mag:  # E5M2: the top exponent is Inf (mantissa 0) or NaN
-        f = np.float32(np.inf) if mag == inf_mag else np.float32(np.nan)
-    elif nan_mag >= 0 and mag >= nan_mag:  # E4M3: only S.1111.111 is NaN
-        f = np.float32(np.nan)
-    return -f if np.int64(c) & sign_bit else f
+    f = builder.bitcast(builder.add(builder.shl(mag, k(23 - mbits)), k((127 - bias) << 23)), f32)
+    # exponent 0: subnormal m * 2^(1-bias-mbits) = (f - 2^-bias) * 2, exactly
+    sub = builder.fmul(builder.fsub(f, kf(2.0 ** -bias)), kf(2.0))
+    f = builder.select(builder.icmp_unsigned("<", mag, k(1 << mbits)), sub, f)
+    if inf_mag >= 0:  # E5M2: the top exponent is Inf (mantissa 0) or NaN
+        special = builder.select(builder.icmp_unsigned("==", mag, k(inf_mag)), kf(float("inf")), kf(float("nan")))
+        f = builder.select(builder.icmp_unsigned(">=", mag, k(inf_mag)), special, f)
+    elif nan_mag >= 0:  # E4M3: only S.1111.111 is NaN
+        f = builder.select(builder.icmp_unsigned(">=", mag, k(nan_mag)), kf(float("nan")), f)
+    negative = builder.icmp_unsigned("!=", builder.and_(code, k(sign_bit)), k(0))
+    return builder.select(negative, builder.fneg(f), f)
 
 
 @njit(inline="always")
@@ -233,16 +320,12 @@ def quantize_fp8_e5m2(x, b):
 
 @njit(inline="always")
 def decode_fp8_e4m3(b, out, f16):
-    d = E8M0_TABLE[b[0]]
-    for j in range(32):
-        out[j] = d * decode_fp(b[1 + j], 3, 7, 0x80, 0x7E, -1, 0x7F)
+    _e4m3_decode(b, 1, E8M0_TABLE[b[0]], out)
 
 
 @njit(inline="always")
 def decode_fp8_e5m2(b, out, f16):
-    d = E8M0_TABLE[b[0]]
-    for j in range(32):
-        out[j] = d * decode_fp(b[1 + j], 2, 15, 0x80, 0x7B, 0x7C, 0x7E)
+    _e5m2_decode(b, 1, E8M0_TABLE[b[0]], out)
 
 
 @njit(inline="always")
@@ -257,19 +340,75 @@ def quantize_fp6_e3m2(x, b):
         b[17 + g] = np.uint8(w >> 16)
 
 
-@njit(inline="always")
-def _fp6_code(b, o, i, g):
-    """Code of element 8i + g of the FP6 block whose packed bytes start at b[o]."""
-    w = np.int64(b[o + g]) | (np.int64(b[o + 8 + g]) << 8) | (np.int64(b[o + 16 + g]) << 16)
-    return (w >> (6 * i)) & 63
+def _emit_fp6_codes(context, builder, arrty, arr, o):
+    """The 32 codes of the FP6 block whose packed bytes start at arr[o], as 4 <8 x i32>: vector
+    i holds elements 8i..8i+7, i.e. code i of the words p[g] | p[8+g] << 8 | p[16+g] << 16."""
+    v8b = ir.VectorType(ir.IntType(8), 8)
+    p = _element_ptr(context, builder, arrty, arr, o)
+    words = None
+    for k in range(3):
+        pk = builder.gep(p, [ir.Constant(ir.IntType(64), 8 * k)])
+        part = builder.zext(builder.load(builder.bitcast(pk, v8b.as_pointer()), align=1), _V8I)
+        part = builder.shl(part, ir.Constant(_V8I, [8 * k] * 8))
+        words = part if words is None else builder.or_(words, part)
+    return [builder.and_(builder.lshr(words, ir.Constant(_V8I, [6 * i] * 8)), ir.Constant(_V8I, [63] * 8))
+            for i in range(4)]
+
+
+def _emit_fp8_codes(context, builder, arrty, arr, o):
+    """The 32 one-byte codes at arr[o:o+32] as 4 <8 x i32>."""
+    v8b = ir.VectorType(ir.IntType(8), 8)
+    p = _element_ptr(context, builder, arrty, arr, o)
+    return [builder.zext(builder.load(builder.bitcast(builder.gep(p, [ir.Constant(ir.IntType(64), 8 * i)]),
+                                                      v8b.as_pointer()), align=1), _V8I) for i in range(4)]
+
+
+def _block_kernels(fmt, codes):
+    """Two intrinsics over one block of 32 codes read by codes(context, builder, arrty, arr, o):
+    dot8(q, o, x, xo) -> f32x8 lane partial sums of sum_j value_j * x[xo + j], and
+    decode(q, o, d, out): out[0:32] = d * value_j."""
+
+    @intrinsic
+    def dot8(typingctx, q, o, x, xo):
+        def codegen(context, builder, sig, args):
+            q, o, x, xo = args
+            px = _element_ptr(context, builder, sig.args[2], x, xo)
+            total = None
+            for i, c in enumerate(codes(context, builder, sig.args[0], q, o)):
+                xp = builder.gep(px, [ir.Constant(ir.IntType(64), 8 * i)])
+                xv = builder.load(builder.bitcast(xp, _V8F.as_pointer()), align=4)
+                prod = builder.fmul(_emit_decode(builder, c, fmt), xv, flags=_FLAGS)
+                total = prod if total is None else builder.fadd(total, prod, flags=_FLAGS)
+            return total
+
+        return f32x8(q, o, x, xo), codegen
+
+    @intrinsic
+    def decode(typingctx, q, o, d, out):
+        def codegen(context, builder, sig, args):
+            q, o, d, out = args
+            po = _element_ptr(context, builder, sig.args[3], out, ir.Constant(ir.IntType(64), 0))
+            dv = builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, ir.Constant(ir.IntType(32), 0))
+            dv = builder.shuffle_vector(dv, dv, ir.Constant(_V8I, [0] * 8))
+            for i, c in enumerate(codes(context, builder, sig.args[0], q, o)):
+                pi = builder.gep(po, [ir.Constant(ir.IntType(64), 8 * i)])
+                builder.store(builder.fmul(dv, _emit_decode(builder, c, fmt)), builder.bitcast(pi, _V8F.as_pointer()),
+                              align=4)
+            return context.get_dummy_value()
+
+        return types.none(q, o, types.float32, out), codegen
+
+    return dot8, decode
+
+
+_e4m3_dot8, _e4m3_decode = _block_kernels(E4M3, _emit_fp8_codes)
+_e5m2_dot8, _e5m2_decode = _block_kernels(E5M2, _emit_fp8_codes)
+_fp6_dot8, _fp6_decode = _block_kernels(E3M2, _emit_fp6_codes)
 
 
 @njit(inline="always")
 def decode_fp6_e3m2(b, out, f16):
-    d = E8M0_TABLE[b[0]]
-    for i in range(4):
-        for g in range(8):
-            out[8 * i + g] = d * decode_fp(_fp6_code(b, 1, i, g), 2, 3, 0x20, 0x1F, -1, -1)
+    _fp6_decode(b, 1, E8M0_TABLE[b[0]], out)
 
 
 # -- NF4 ------------------------------------------------------------------------------------------
@@ -369,37 +508,26 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # vectorised float sums, IEEE
 
 @njit(inline="always")
 def dot_fp8_e4m3(row, f16, x, xs16):
-    acc = np.zeros(32, dtype=np.float32)
+    acc = _zeros8()
     for b in range(row.shape[0] // 33):
-        o = 33 * b
-        d = E8M0_TABLE[row[o]]
-        for j in range(32):
-            acc[j] += d * (decode_fp(row[o + 1 + j], 3, 7, 0x80, 0x7E, -1, 0x7F) * x[32 * b + j])
-    return acc.sum()
+        acc = _axpy8(E8M0_TABLE[row[33 * b]], _e4m3_dot8(row, 33 * b + 1, x, 32 * b), acc)
+    return _sum8(acc)
 
 
 @njit(inline="always")
 def dot_fp8_e5m2(row, f16, x, xs16):
-    acc = np.zeros(32, dtype=np.float32)
+    acc = _zeros8()
     for b in range(row.shape[0] // 33):
-        o = 33 * b
-        d = E8M0_TABLE[row[o]]
-        for j in range(32):
-            acc[j] += d * (decode_fp(row[o + 1 + j], 2, 15, 0x80, 0x7B, 0x7C, 0x7E) * x[32 * b + j])
-    return acc.sum()
+        acc = _axpy8(E8M0_TABLE[row[33 * b]], _e5m2_dot8(row, 33 * b + 1, x, 32 * b), acc)
+    return _sum8(acc)
 
 
 @njit(inline="always")
 def dot_fp6_e3m2(row, f16, x, xs16):
-    acc = np.zeros(32, dtype=np.float32)
+    acc = _zeros8()
     for b in range(row.shape[0] // 25):
-        o = 25 * b
-        d = E8M0_TABLE[row[o]]
-        for i in range(4):
-            for g in range(8):
-                v = decode_fp(_fp6_code(row, o + 1, i, g), 2, 3, 0x20, 0x1F, -1, -1)
-                acc[8 * i + g] += d * (v * x[32 * b + 8 * i + g])
-    return acc.sum()
+        acc = _axpy8(E8M0_TABLE[row[25 * b]], _fp6_dot8(row, 25 * b + 1, x, 32 * b), acc)
+    return _sum8(acc)
 
 
 @njit(inline="always")
@@ -426,69 +554,7 @@ def _dot_mxfp4_portable(row, f16, x, xs16):
     return acc.sum()
 
 
-# -- AVX2: 16-entry float tables through vpermps -------------------------------------------------
-# A Numba type for an LLVM <8 x float> value lets the loops below carry 8 lanes in a register.
-
-class _F32x8(types.Type):
-    def __init__(self):
-        super().__init__(name="f32x8")
-
-
-f32x8 = _F32x8()
-_V8F = ir.VectorType(ir.FloatType(), 8)
-_V8I = ir.VectorType(ir.IntType(32), 8)
-
-
-@register_model(_F32x8)
-class _F32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8F)
-
-
-def _element_ptr(context, builder, arrty, arr, index):
-    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [index])
-
-
-@intrinsic
-def _zeros8(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V8F, [0.0] * 8)
-
-    return f32x8(), codegen
-
-
-@intrinsic
-def _load8(typingctx, arr, i):
-    """arr[i:i+8] (float32) as a vector."""
-    def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(p, _V8F.as_pointer()), align=4)
-
-    return f32x8(arr, i), codegen
-
-
-@intrinsic
-def _sum8(typingctx, v):
-    def codegen(context, builder, sig, args):
-        s = builder.extract_element(args[0], ir.Constant(ir.IntType(32), 0))
-        for k in range(1, 8):
-            s = builder.fadd(s, builder.extract_element(args[0], ir.Constant(ir.IntType(32), k)))
-        return s
-
-    return types.float32(f32x8), codegen
-
-
-@intrinsic
-def _axpy8(typingctx, d, v, acc):
-    """acc + d * v for a float32 scalar d."""
-    def codegen(context, builder, sig, args):
-        d, v, acc = args
-        dv = builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, ir.Constant(ir.IntType(32), 0))
-        dv = builder.shuffle_vector(dv, dv, ir.Constant(_V8I, [0] * 8))
-        return builder.fadd(acc, builder.fmul(dv, v, flags=["fast"]), flags=["fast"])
-
-    return f32x8(types.float32, f32x8, f32x8), codegen
-
+# -- AVX2: 16-entry float tables through vpermps -----------------------------------------------
 
 def _lut16_dot(n):
     """An intrinsic (q, o, x, xo, tlo, thi) -> f32x8: lane partial sums of sum_j T[nib_j] x[xo+j]
@@ -516,9 +582,9 @@ def _lut16_dot(n):
                                        builder.call(permps, [thi, idx]), builder.call(permps, [tlo, idx]))
                     xp = builder.gep(px, [ir.Constant(ir.IntType(64), n * h + 8 * g)])
                     parts.append(builder.fmul(w, builder.load(builder.bitcast(xp, _V8F.as_pointer()), align=4),
-                                              flags=["fast"]))
+                                              flags=_FLAGS))
             while len(parts) > 1:
-                parts = [builder.fadd(parts[i], parts[i + 1], flags=["fast"]) for i in range(0, len(parts), 2)]
+                parts = [builder.fadd(parts[i], parts[i + 1], flags=_FLAGS) for i in range(0, len(parts), 2)]
             return parts[0]
 
         return f32x8(q, o, x, xo, f32x8, f32x8), codegen

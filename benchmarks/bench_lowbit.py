@@ -163,21 +163,24 @@ def speed(args):
         else:
             q = QTensor(raw, t, args.rows, args.cols)
             cases.append((name, raw, lambda q=q: linear(q, x[None, :])))
-    print(f"| type | bits/weight | MiB | threads | ms | GB/s | G weights/s |  ({args.rows} x {args.cols}, best of "
-          f"{args.repeat})")
+    print(f"{args.rows} x {args.cols}, best of {args.repeat} rounds (each round runs every case once, so a busy")
+    print("machine slows all cases alike):\n")
+    print("| type | bits/weight | MiB | threads | ms | GB/s | G weights/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for threads in [int(n) for n in args.threads.split(",")]:
         set_threads(threads)
-        for label, raw, run in cases:
+        best = [float("inf")] * len(cases)
+        for _, _, run in cases:
             run()  # compile / warm
-            best = float("inf")
-            for _ in range(args.repeat):
+        for _ in range(args.repeat):
+            for i, (_, _, run) in enumerate(cases):
                 t0 = time.perf_counter()
                 run()
-                best = min(best, time.perf_counter() - t0)
+                best[i] = min(best[i], time.perf_counter() - t0)
+        for (label, raw, _), t in zip(cases, best):
             name = label.split()[0]
-            print(f"| {label} | {bits_per_weight(name):.3g} | {raw.nbytes / 2**20:.1f} | {threads} | {best * 1e3:.2f} "
-                  f"| {raw.nbytes / best / 1e9:.2f} | {args.rows * args.cols / best / 1e9:.2f} |")
+            print(f"| {label} | {bits_per_weight(name):.3g} | {raw.nbytes / 2**20:.1f} | {threads} | {t * 1e3:.3f} "
+                  f"| {raw.nbytes / t / 1e9:.2f} | {args.rows * args.cols / t / 1e9:.2f} |")
 
 
 # -- RMSE ----------------------------------------------------------------------------------------------

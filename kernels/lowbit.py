@@ -565,18 +565,18 @@ def _lut16_dot(n):
     def lut16_dot(typingctx, q, o, x, xo, tlo, thi):
         def codegen(context, builder, sig, args):
             q, o, x, xo, tlo, thi = args
-            vb = ir.VectorType(ir.IntType(8), n)
+            v8b = ir.VectorType(ir.IntType(8), 8)
             pq = _element_ptr(context, builder, sig.args[0], q, o)
-            raw = builder.load(builder.bitcast(pq, vb.as_pointer()), align=1)
-            nibbles = (builder.and_(raw, ir.Constant(vb, [15] * n)), builder.lshr(raw, ir.Constant(vb, [4] * n)))
             px = _element_ptr(context, builder, sig.args[2], x, xo)
             permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F, _V8I]),
                                                     "llvm.x86.avx2.permps")
             parts = []
-            for h, nib in enumerate(nibbles):
-                for g in range(n // 8):
-                    lanes = ir.Constant(_V8I, list(range(8 * g, 8 * g + 8)))
-                    idx = builder.zext(builder.shuffle_vector(nib, nib, lanes), _V8I)
+            for g in range(n // 8):
+                # 8 bytes widened to 32-bit lanes (one vpmovzxbd), then their two nibbles
+                pg = builder.gep(pq, [ir.Constant(ir.IntType(64), 8 * g)])
+                raw = builder.zext(builder.load(builder.bitcast(pg, v8b.as_pointer()), align=1), _V8I)
+                for h, idx in enumerate((builder.and_(raw, ir.Constant(_V8I, [15] * 8)),
+                                         builder.lshr(raw, ir.Constant(_V8I, [4] * 8)))):
                     # vpermps uses the low 3 bits of each index; bit 3 picks the table half
                     w = builder.select(builder.icmp_unsigned(">", idx, ir.Constant(_V8I, [7] * 8)),
                                        builder.call(permps, [thi, idx]), builder.call(permps, [tlo, idx]))

@@ -51,13 +51,13 @@ Quantizers (our stated rules; tests/lowbit_reference.py is an independent float6
   ValueError for NaN input (and MXFP4 for Inf too, which ggml's reference cannot encode); the
   block kernels themselves write +0 for NaN and never fail.
 
-The fused dots keep 8 float32 lane accumulators (a Numba type for LLVM's <8 x float>) and
-decode one block at a time in 32-bit vector lanes, emitted as LLVM IR by Numba @intrinsics:
-FP8/FP6 codes become floats by placing their exponent and mantissa bits into a float32 (plain
-vector IR, portable); NF4 and MXFP4 look their nibbles up in a 16-entry float table with two
-vpermps (llvm.x86.avx2.permps) per 8 weights on AVX2, with plain table loads elsewhere (about
-2.5x slower). Dots and decoders thus give the same values as the decoders, summed in another
-order; their IR never assumes "no NaN/Inf", so NaN and Inf codes reach the result.
+Decoders and fused dots work a block at a time in 32-bit vector lanes, emitted as LLVM IR by
+Numba @intrinsics (with a Numba type for LLVM's <8 x float>, the dots keep 8 float32 lane
+accumulators): FP8/FP6 codes become floats by placing their exponent and mantissa bits into a
+float32 (plain vector IR, portable); NF4 and MXFP4 look their nibbles up in a 16-entry float
+table with two vpermps (llvm.x86.avx2.permps) per 8 weights on AVX2, and with plain table
+loads elsewhere (1.5-2x slower). So a dot multiplies exactly the decoder's values, only summed
+in another order; the IR never assumes "no NaN/Inf", so NaN and Inf codes reach the result.
 """
 
 import numpy as np
@@ -159,6 +159,9 @@ def _zeros8(typingctx):
 @intrinsic
 def _load8(typingctx, arr, i):
     """arr[i:i+8] (float32) as a vector."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+        return None
+
     def codegen(context, builder, sig, args):
         p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
         return builder.load(builder.bitcast(p, _V8F.as_pointer()), align=4)
@@ -192,8 +195,8 @@ def _axpy8(typingctx, d, v, acc):
 # -- OCP float elements -------------------------------------------------------------------------
 # A format is (mbits, bias, sign_bit, max_mag, inf_mag, nan_mag); *_mag are codes without the
 # sign, -1 where the format has no such code: nan_mag is the NaN the encoder writes (codes above
-# inf_mag are NaN too). Constants are passed as int64 so each helper is
-# compiled once per format's argument types, and LLVM folds them after inlining.
+# inf_mag are NaN too). encode_fp takes them as arguments (LLVM folds them after inlining);
+# _emit_decode bakes them into the IR it emits.
 
 E4M3 = (3, 7, 0x80, 0x7E, -1, 0x7F)
 E5M2 = (2, 15, 0x80, 0x7B, 0x7C, 0x7E)
@@ -260,7 +263,7 @@ def _emit_decode(builder, code, fmt):
     return builder.select(negative, builder.fneg(f), f)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def scale_exponent(amax, emax):
     """s such that 2^s is the smallest power of two with amax / 2^s <= 1.75 * 2^emax (the
     max of every format here has mantissa 1.75), clamped to E8M0's -127..127."""
@@ -291,7 +294,7 @@ def _finite_absmax(x):
 
 # -- FP8 / FP6: E8M0 scale + elements ------------------------------------------------------------
 
-@njit(inline="always")
+@njit(cache=True)
 def _put_scale(x, b, emax):
     """The block's scale byte into b[0]; returns 1/scale (2^-s, a normal float32 for every s)."""
     s = scale_exponent(_finite_absmax(x), emax)
@@ -304,14 +307,14 @@ E5M2_EMAX = emax(E5M2)
 E3M2_EMAX = emax(E3M2)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def quantize_fp8_e4m3(x, b):
     inv = _put_scale(x, b, E4M3_EMAX)
     for j in range(32):
         b[1 + j] = np.uint8(encode_fp(x[j] * inv, 3, 7, 0x80, 0x7E, -1, 0x7F))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def quantize_fp8_e5m2(x, b):
     inv = _put_scale(x, b, E5M2_EMAX)
     for j in range(32):
@@ -328,7 +331,7 @@ def decode_fp8_e5m2(b, out, f16):
     _e5m2_decode(b, 1, E8M0_TABLE[b[0]], out)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def quantize_fp6_e3m2(x, b):
     inv = _put_scale(x, b, E3M2_EMAX)
     for g in range(8):
@@ -413,7 +416,7 @@ def decode_fp6_e3m2(b, out, f16):
 
 # -- NF4 ------------------------------------------------------------------------------------------
 
-@njit(inline="always")
+@njit(cache=True)
 def quantize_nf4(x, b):
     amax = min(_finite_absmax(x), np.float32(65504.0))
     h = f32_to_f16(amax)
@@ -461,7 +464,7 @@ def e8m0_half(e):
     return _bits_f32((e - 1) << 23)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def quantize_mxfp4(x, b):
     # ggml-quants.c quantize_row_mxfp4_ref, in float32 step for step
     amax = np.float32(0.0)
@@ -740,10 +743,18 @@ def _matvec_portable(data, qtype, f16, x, out):
             out[r] = _dot_nf4_portable(data[r], f16, x, xs16)
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: Numba types read-only and writable arrays apart, so inputs from a
+    memory map and from memory would each compile the kernels once more (minutes, all types)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def dequantize(data: np.ndarray, qtype, cols: int) -> np.ndarray:
     """Raw blocks uint8 (rows, row_bytes) -> float32 (rows, cols)."""
     t = lowbit_type(qtype)
-    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(t.qtype, cols))
+    data = _readonly(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(t.qtype, cols)))
     out = np.empty((data.shape[0], cols), dtype=np.float32)
     if out.size:
         _dequantize_rows(data, int(t.qtype), F16_TABLE, out)
@@ -761,7 +772,7 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
         raise ValueError("quantize needs at least a 1-D array")
     cols = x.shape[-1]
     rb = row_bytes(t.qtype, cols)
-    x2 = np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32)
+    x2 = _readonly(np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32))
     if not t.nan_ok and np.isnan(x2).any():
         raise ValueError(f"NaN values cannot be stored as {t.qtype.name}")
     if not t.inf_ok and np.isinf(x2).any():
@@ -777,8 +788,8 @@ def matvec(data: np.ndarray, qtype, x: np.ndarray, portable: bool = False) -> np
     through the fused dot (portable=True: the table-load one that needs no AVX2, where the
     type has one)."""
     t = lowbit_type(qtype)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(t.qtype, x.shape[0]))
+    x = _readonly(np.ascontiguousarray(x, dtype=np.float32))
+    data = _readonly(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(t.qtype, x.shape[0])))
     out = np.empty(data.shape[0], dtype=np.float32)
     kernel = _matvec_portable if portable and t.dot_portable is not t.dot else _matvec
     kernel(data, int(t.qtype), F16_TABLE, x, out)

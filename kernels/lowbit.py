@@ -751,6 +751,17 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
+def check_storable(x: np.ndarray, qtype):
+    """Raise ValueError when x holds values the type cannot store: NaN where it has no NaN code,
+    Inf for MXFP4 (ggml's reference has no defined result for it). The block quantizers never
+    check; whatever quantizes whole tensors calls this first."""
+    t = lowbit_type(qtype)
+    if not t.nan_ok and np.isnan(x).any():
+        raise ValueError(f"NaN values cannot be stored as {t.qtype.name}")
+    if not t.inf_ok and np.isinf(x).any():
+        raise ValueError(f"infinite values cannot be stored as {t.qtype.name}")
+
+
 def dequantize(data: np.ndarray, qtype, cols: int) -> np.ndarray:
     """Raw blocks uint8 (rows, row_bytes) -> float32 (rows, cols)."""
     t = lowbit_type(qtype)
@@ -773,10 +784,7 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     cols = x.shape[-1]
     rb = row_bytes(t.qtype, cols)
     x2 = _readonly(np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32))
-    if not t.nan_ok and np.isnan(x2).any():
-        raise ValueError(f"NaN values cannot be stored as {t.qtype.name}")
-    if not t.inf_ok and np.isinf(x2).any():
-        raise ValueError(f"infinite values cannot be stored as {t.qtype.name}")
+    check_storable(x2, t.qtype)
     out = np.empty((x2.shape[0], rb), dtype=np.uint8)
     if x2.size:
         _quantize_rows(x2, int(t.qtype), out)

@@ -6,6 +6,13 @@ and the kernels (kernels/) all stand on it without importing each other.
 Format facts follow ggml's docs/gguf.md and ggml.h (ggml_type): the file magic, the
 metadata value types, and for each block type its id, elements per block and bytes per
 block. The kernels that decode, multiply and quantize each type live in kernels/.
+
+pyllm also has block types of its own that ggml does not know (NF4, FP8, FP6: see
+kernels/lowbit.py). They take ids from PYLLM_TYPE_BASE = 1000 on, far outside ggml's range
+(GGML_TYPE_COUNT is 43 in the pinned llama.cpp), and a file that uses them names them in
+the metadata key `pyllm.block_types` ("NAME=ID" strings), so the ids are never a silent
+contract: the reader checks every such tensor's id against that key, and llama.cpp refuses
+the file at its tensor-type check ("invalid ggml type") instead of misreading it.
 """
 
 from enum import IntEnum
@@ -65,7 +72,7 @@ SCALAR_FORMATS = {
 
 
 class GGMLType(IntEnum):
-    # Numbering as in GGUF / ggml.h (ggml_type).
+    # Numbering as in GGUF / ggml.h (ggml_type); from 1000 on: pyllm's own types.
     F32 = 0
     F16 = 1
     Q4_0 = 2
@@ -80,9 +87,43 @@ class GGMLType(IntEnum):
     Q6_K = 14
     Q8_K = 15
     BF16 = 30
+    MXFP4 = 39  # OCP MX FP4: E8M0 scale + 32 E2M1 values (ggml's block_mxfp4)
+    # pyllm only (kernels/lowbit.py has the layouts):
+    NF4 = 1000  # QLoRA NormalFloat-4 code book, f16 absmax per 64
+    FP8_E4M3 = 1001  # OCP FP8 E4M3 values with an E8M0 scale per 32
+    FP8_E5M2 = 1002  # OCP FP8 E5M2 values with an E8M0 scale per 32
+    FP6_E3M2 = 1003  # OCP FP6 E3M2 values with an E8M0 scale per 32, 4 values in 3 bytes
 
 
 QK_K = 256  # super-block size of the K-quants
+
+PYLLM_TYPE_BASE = 1000  # ids from here on are pyllm's, unknown to ggml
+PYLLM_BLOCK_TYPES_KEY = "pyllm.block_types"  # the metadata key naming them: ["NF4=1000", ...]
+
+
+def is_pyllm_only(qtype: int) -> bool:
+    """True for block types that only pyllm reads (llama.cpp refuses such files)."""
+    return int(qtype) >= PYLLM_TYPE_BASE
+
+
+def pyllm_block_types_entries(qtypes) -> list[str]:
+    """The `pyllm.block_types` value for a file whose tensors have these types: one
+    "NAME=ID" string per pyllm-only type, sorted by id; empty when there is none."""
+    ids = sorted({int(t) for t in qtypes if is_pyllm_only(t)})
+    return [f"{GGMLType(i).name}={i}" for i in ids]
+
+
+def parse_pyllm_block_types(value) -> dict[int, str]:
+    """id -> name from a `pyllm.block_types` value; raises ValueError when malformed."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError("must be an array of \"NAME=ID\" strings")
+    out = {}
+    for entry in value:
+        name, sep, num = str(entry).partition("=")
+        if not sep or not name or not num.isdigit():
+            raise ValueError(f"bad entry {entry!r} (expected \"NAME=ID\")")
+        out[int(num)] = name
+    return out
 
 # qtype -> (elements per block, bytes per block)
 BLOCK_SIZE = {
@@ -100,6 +141,11 @@ BLOCK_SIZE = {
     GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
     GGMLType.Q8_K: (QK_K, 4 + QK_K + QK_K // 16 * 2),
+    GGMLType.MXFP4: (32, 1 + 16),
+    GGMLType.NF4: (64, 2 + 32),
+    GGMLType.FP8_E4M3: (32, 1 + 32),
+    GGMLType.FP8_E5M2: (32, 1 + 32),
+    GGMLType.FP6_E3M2: (32, 1 + 24),
 }
 
 

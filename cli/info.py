@@ -12,6 +12,13 @@ def human(n: float, unit: str = "") -> str:
         n /= 1000
 
 
+def readable_by(g) -> str:
+    only = g.pyllm_only_types
+    if only:
+        return f"pyllm only ({', '.join(t.name for t in only)}: pyllm's own block types; llama.cpp refuses the file)"
+    return "pyllm, llama.cpp"
+
+
 def main(argv=None) -> int:
     from pyllm.kernels.cpu import cpu_features
     from pyllm.runtime.gguf_file import GGUFFile
@@ -39,6 +46,7 @@ def main(argv=None) -> int:
         ("parameters", human(n_params)),
         ("size", f"{human(size, 'B')} ({size * 8 / max(n_params, 1):.2f} bits per weight)"),
         ("block types", ", ".join(f"{k}: {v}" for k, v in hist.most_common()) or "none (vocab only)"),
+        ("readable by", readable_by(g)),
         ("context", get("context_length")),
         ("layers", get("block_count")),
         ("embedding", get("embedding_length")),

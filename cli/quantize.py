@@ -2,8 +2,10 @@
 
     pyllm quantize IN.gguf OUT.gguf TYPE [--allow-requantize] [--leave-output-tensor] [--pure]
 
-TYPE: F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L,
-Q3_K_M, Q3_K_S, Q2_K (case-insensitive). Per-tensor types, sizes and totals go to stderr.
+TYPE: F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (= SYM_INT4), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M,
+Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, MXFP4, and pyllm's own NF4, FP8_E4M3, FP8_E5M2, FP6_E3M2
+(= FP6), whose files only pyllm reads (case-insensitive). Per-tensor types, sizes and totals go
+to stderr.
 """
 
 import argparse
@@ -15,12 +17,12 @@ from pyllm.base import PyllmError
 
 
 def main(argv=None) -> int:
-    from pyllm.convert.quantize import FILE_TYPES, format_totals, parse_file_type, quantize_gguf, same_file
+    from pyllm.convert.quantize import ALIASES, FILE_TYPES, format_totals, parse_file_type, quantize_gguf, same_file
 
     p = argparse.ArgumentParser(prog="pyllm quantize", description="Quantize a GGUF model (llama.cpp's types and mixes).")
     p.add_argument("input", help="input .gguf")
     p.add_argument("output", help="output .gguf")
-    p.add_argument("type", help=f"one of {', '.join(FILE_TYPES)}")
+    p.add_argument("type", help=f"one of {', '.join(FILE_TYPES)} (aliases: {', '.join(ALIASES)})")
     p.add_argument("--allow-requantize", action="store_true", help="allow re-quantizing tensors that are already quantized")
     p.add_argument("--leave-output-tensor", action="store_true", help="do not quantize output.weight")
     p.add_argument("--pure", action="store_true", help="use the type for every tensor (no per-tensor mixes)")

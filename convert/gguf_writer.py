@@ -34,10 +34,12 @@ from pyllm.base import (
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     GGUF_VERSION,
+    PYLLM_BLOCK_TYPES_KEY,
     SCALAR_FORMATS,
     GGMLType,
     PyllmError,
     ValueType,
+    pyllm_block_types_entries,
 )
 
 _FMT = {vt: fmt for vt, (fmt, _) in SCALAR_FORMATS.items()}
@@ -134,7 +136,16 @@ class GGUFWriter:
         self.tensors.append(PendingTensor(name, shape, qtype, load, tensor_nbytes(shape, qtype)))
 
     # -- output --------------------------------------------------------------------------
+    def _name_pyllm_types(self):
+        """`pyllm.block_types` lists exactly the pyllm-only block types the tensors use (a value
+        copied from a source file is replaced), so the reader can check their ids."""
+        self.remove(PYLLM_BLOCK_TYPES_KEY)
+        entries = pyllm_block_types_entries(t.qtype for t in self.tensors)
+        if entries:
+            self.add_array(PYLLM_BLOCK_TYPES_KEY, entries, ValueType.STRING)
+
     def _header(self) -> bytes:
+        self._name_pyllm_types()
         out = bytearray()
         out += GGUF_MAGIC
         out += struct.pack("<IQQ", GGUF_VERSION, len(self.tensors), len(self.kv))

@@ -15,6 +15,14 @@ The type chosen for each tensor follows llama.cpp's src/llama-quant.cpp
 
 Tensors are processed in llama.cpp's order (non-layer tensors by name, then layer by layer,
 by name within a layer): the attn_v / ffn_down counters that drive the mixes depend on it.
+
+Low-bit float types (kernels/lowbit.py) follow the same rules: the same tensors are quantized,
+output.weight (or tied token_embd.weight) gets Q6_K, except MXFP4, whose output gets Q8_0 as
+llama.cpp's MXFP4_MOE gives it; no other mixes. NF4 rows not a multiple of 64 fall back to
+Q4_0. SYM_INT4 is IPEX-LLM's name for ggml's Q4_0 (its ggml_tensor_qtype "sym_int4" = 2,
+quantized by ggml's quantize_row_q4_0): an alias, it writes Q4_0. NF4, FP8_E4M3, FP8_E5M2 and
+FP6_E3M2 are pyllm's own block types: files with them are readable by pyllm only, and carry
+pyllm file type ids (general.file_type 1000..1003) that llama.cpp does not know either.
 """
 
 from __future__ import annotations
@@ -59,10 +67,18 @@ FILE_TYPES = {
         FileType("Q5_K_S", 16, T.Q5_K),
         FileType("Q5_K_M", 17, T.Q5_K),
         FileType("Q6_K", 18, T.Q6_K),
+        # dense MXFP4: every quantized tensor MXFP4; llama_ftype MXFP4_MOE, the only one ggml has
+        FileType("MXFP4", 38, T.MXFP4),
+        # pyllm's own (ids outside llama_ftype, like the block types)
+        FileType("NF4", 1000, T.NF4),
+        FileType("FP8_E4M3", 1001, T.FP8_E4M3),
+        FileType("FP8_E5M2", 1002, T.FP8_E5M2),
+        FileType("FP6_E3M2", 1003, T.FP6_E3M2),
     )
 }
-# llama-quantize accepts these short names too (tools/quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
-ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+# llama-quantize accepts these short names too (tools/quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M);
+# SYM_INT4 is IPEX-LLM's name for Q4_0, FP6 the E3M2 variant of OCP's FP6.
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "SYM_INT4": "Q4_0", "FP6": "FP6_E3M2"}
 
 QUANTIZED = frozenset(t for t in GGMLType if t not in (T.F32, T.F16, T.BF16))
 
@@ -71,7 +87,7 @@ def parse_file_type(name: str) -> FileType:
     key = str(name).strip().upper()
     key = ALIASES.get(key, key)
     if key not in FILE_TYPES:
-        raise PyllmError(f"unknown type {name!r}; supported: {', '.join(FILE_TYPES)}")
+        raise PyllmError(f"unknown type {name!r}; supported: {', '.join(FILE_TYPES)} (and {', '.join(ALIASES)})")
     return FILE_TYPES[key]
 
 
@@ -146,7 +162,8 @@ def should_quantize(name: str, shape: tuple[int, ...], leave_output: bool = Fals
 
 # Rows not a multiple of 256: llama.cpp's tensor_type_fallback (src/llama-quant.cpp, as
 # vendored by llama-cpp-python 0.3.36, whose llama-quantize we compare against byte for byte).
-_K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+               T.NF4: T.Q4_0}  # (NF4's 64-blocks: pyllm's choice, the nearest 32-block 4-bit type)
 
 
 def _fallback(new_type: GGMLType, cols: int) -> GGMLType:
@@ -176,7 +193,7 @@ def _get_type(qs: _State, new_type: GGMLType, name: str, cols: int, ft: str) -> 
     """llama_tensor_get_type for the file types pyllm supports (no IQ types, no imatrix)."""
     info = qs.info
     if name == "output.weight" or (not qs.has_output and name == "token_embd.weight"):
-        if cols % BLOCK_SIZE[new_type][0] != 0:
+        if cols % BLOCK_SIZE[new_type][0] != 0 or ft == "MXFP4":
             new_type = T.Q8_0
         elif new_type != T.Q8_0:
             new_type = T.Q6_K
@@ -278,6 +295,10 @@ def encode(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
+    from pyllm.kernels import lowbit
+
+    if qtype in lowbit.TYPES:  # until the block-type table holds them
+        return lowbit.quantize(x, qtype)
     from pyllm.kernels.quantize import quantize
 
     return quantize(x, qtype)
@@ -292,6 +313,10 @@ def decode(data: np.ndarray, qtype: GGMLType, rows: int, cols: int) -> np.ndarra
         return np.asarray(data).view(np.float16).reshape(rows, cols).astype(np.float32)
     if qtype == T.BF16:
         return (np.asarray(data).view(np.uint16).reshape(rows, cols).astype(np.uint32) << 16).view(np.float32)
+    from pyllm.kernels import lowbit
+
+    if qtype in lowbit.TYPES:  # until the block-type table holds them
+        return lowbit.dequantize(np.asarray(data).reshape(rows, -1), qtype, cols)
     from pyllm.kernels.quants import QTensor, dequantize
 
     return dequantize(QTensor(np.asarray(data).reshape(rows, -1), qtype, rows, cols)).reshape(rows, cols)
@@ -411,7 +436,10 @@ def quantize_gguf(inp, out, type_name: str, *, allow_requantize: bool = False, l
         inner = chunked(rows, cols, read, new)
 
         def load():
-            yield from inner()
+            try:
+                yield from inner()
+            except ValueError as e:  # values the type cannot hold (NaN in NF4, ...)
+                raise PyllmError(f"{inp}: tensor {name}: {e}") from None
             _drop_pages(src, info)
 
         return load

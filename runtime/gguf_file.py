@@ -7,6 +7,9 @@ Layout (GGUF v2/v3, little-endian; see ggml's docs/gguf.md):
     padding to `general.alignment` (default 32), then the tensor data.
 Strings are a u64 byte length followed by UTF-8 bytes. dims[0] is the innermost (column) size,
 so a weight of PyTorch shape (out, in) has dims [in, out] and is stored as `out` rows.
+
+Block type ids from 1000 on are pyllm's own (base.PYLLM_TYPE_BASE); a tensor may use one only
+when the file's `pyllm.block_types` key names that id with the same name.
 """
 
 import mmap
@@ -15,7 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pyllm.base import BLOCK_SIZE, DEFAULT_ALIGNMENT, GGUF_MAGIC, SCALAR_FORMATS, GGMLType, PyllmError, ValueType
+from pyllm.base import (
+    BLOCK_SIZE,
+    DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    PYLLM_BLOCK_TYPES_KEY,
+    SCALAR_FORMATS,
+    GGMLType,
+    PyllmError,
+    ValueType,
+    is_pyllm_only,
+    parse_pyllm_block_types,
+)
 from pyllm.kernels.quants import QTensor
 
 
@@ -116,6 +130,8 @@ class GGUFFile:
                 raise PyllmError(f"{self.path}: corrupt tensor info for {name!r} ({n_dims} dims)")
             dims = tuple(cur.scalar("<Q") for _ in range(n_dims))
             type_id, offset = cur.scalar("<I"), cur.scalar("<Q")
+            if is_pyllm_only(type_id):
+                self._check_pyllm_type(name, type_id)
             try:
                 qtype = GGMLType(type_id)
                 block, size = BLOCK_SIZE[qtype]
@@ -139,6 +155,32 @@ class GGUFFile:
                     f"file has {len(self._buf)})"
                 )
             self.tensors[info.name] = info
+
+    def _check_pyllm_type(self, name: str, type_id: int):
+        """A pyllm-only block type id must be named, with the name pyllm gives it, by the file."""
+        key = PYLLM_BLOCK_TYPES_KEY
+        if key not in self.metadata:
+            raise PyllmError(f"{self.path}: tensor {name!r} has block type {type_id}, a pyllm-only id, but the "
+                             f"file has no {key} key naming it (corrupt, or not written by pyllm)")
+        try:
+            declared = parse_pyllm_block_types(self.metadata[key])
+        except ValueError as e:
+            raise PyllmError(f"{self.path}: bad {key}: {e}") from None
+        if type_id not in declared:
+            raise PyllmError(f"{self.path}: tensor {name!r} has block type {type_id}, which {key} does not name")
+        try:
+            known = GGMLType(type_id).name
+        except ValueError:
+            raise PyllmError(f"{self.path}: tensor {name!r} has block type {declared[type_id]} ({type_id}), "
+                             f"which this version of pyllm does not know") from None
+        if declared[type_id] != known:
+            raise PyllmError(f"{self.path}: {key} calls block type {type_id} {declared[type_id]!r}, "
+                             f"but to pyllm {type_id} is {known}")
+
+    @property
+    def pyllm_only_types(self) -> list[GGMLType]:
+        """The tensors' block types that only pyllm reads (llama.cpp refuses such files)."""
+        return sorted({t.qtype for t in self.tensors.values() if is_pyllm_only(t.qtype)})
 
     @property
     def architecture(self) -> str | None:

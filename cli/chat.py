@@ -313,22 +313,25 @@ class CtrlC:
         os.set_blocking(self._w, False)
         self._main = threading.get_ident()
         self._old_int = signal.signal(signal.SIGINT, self._on_sigint)
-        self._old_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        self._watcher = threading.Thread(target=self._watch, name="pyllm-ctrl-c", daemon=True)
-        self._watcher.start()
+        self._watcher = None
+        if hasattr(signal, "pthread_kill"):  # POSIX (where readline is)
+            self._old_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+            self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(target=self._watch, name="pyllm-ctrl-c", daemon=True)
+            self._watcher.start()
         return self
 
     def __exit__(self, *exc):
-        signal.set_wakeup_fd(self._old_fd)
         signal.signal(signal.SIGINT, self._old_int)
-        signal.signal(signal.SIGUSR1, self._old_usr1)
         self._closed = True
-        try:
-            os.write(self._w, b"\0")  # wakes the watcher, which sees _closed
-        except OSError:
-            pass
-        self._watcher.join(timeout=1.0)
+        if self._watcher is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            signal.signal(signal.SIGUSR1, self._old_usr1)
+            try:
+                os.write(self._w, b"\0")  # wakes the watcher, which sees _closed
+            except OSError:
+                pass
+            self._watcher.join(timeout=1.0)
         os.close(self._r)
         os.close(self._w)
         return False

@@ -141,8 +141,9 @@ class ChatSession:
         stats = self.last = ChatStats()
         t_submit = time.perf_counter()
         if self.completion_mode:
-            stream = stream_generate(self.model, self.messages[-1]["content"], self.max_tokens or sys.maxsize,
-                                     stats=stats, ignore_eos=self.ignore_eos, sampler=self.sampler)
+            limit = sys.maxsize if self.max_tokens is None else self.max_tokens
+            stream = stream_generate(self.model, self.messages[-1]["content"], limit, stats=stats,
+                                     ignore_eos=self.ignore_eos, sampler=self.sampler)
             pieces = stream
         else:
             stream = create_chat_completion(self.model, self.conversation(), stream=True, max_tokens=self.max_tokens,
@@ -157,6 +158,7 @@ class ChatSession:
                                 "room; the system prompt is kept]")
         received = []
         t_first = None
+        done = False
         try:
             for piece in pieces:
                 if not piece:
@@ -169,10 +171,12 @@ class ChatSession:
                 if should_stop is not None and should_stop():  # checked after each piece shown
                     stats.stop_reason = "interrupted"
                     break
+            done = True
         finally:
             stream.close()
             text = "".join(received)
-            self.messages.append({"role": "assistant", "content": text})
+            if done or received:  # a reply, or part of one; an error before any text leaves none
+                self.messages.append({"role": "assistant", "content": text})
         if self.completion_mode and t_first is not None:  # chat completions time themselves
             stats.ttft_s = t_first - t_submit
             stats.reply_s = time.perf_counter() - t_first

@@ -382,6 +382,22 @@ def test_interrupted_reply_is_kept_and_cache_stays_consistent(smol_model):
     assert smol_model.n_evaluated - n0 == len(smol_model.tokens) - len(before)
 
 
+def test_completion_mode_and_a_failed_turn(stories260k):
+    import pyllm
+    from pyllm.cli.chat import ChatSession
+    from pyllm.runtime.sampling import Sampler
+
+    model = pyllm.load(stories260k, n_ctx=32, n_threads=1)
+    s = ChatSession(model, None, Sampler(temp=0), max_tokens=8)
+    with pytest.raises(PyllmError, match="longer than the context size 32"):
+        s.reply("Once upon a time " * 20)
+    assert s.messages == []  # the failed message left no trace
+    reply = s.reply("Once upon a time")
+    assert reply == pyllm.generate(model, "Once upon a time", max_tokens=8, temp=0)
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.last.completion_tokens == 8
+    assert s.last.stop_reason == "length" and s.last.ttft_s > 0
+
+
 # -- the command line ----------------------------------------------------------------------
 
 

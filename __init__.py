@@ -10,13 +10,15 @@ kernels load on first use, not at import.
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "load_tokenizer", "generate", "stream_generate", "PyllmError", "__version__"]
+__all__ = ["load", "load_tokenizer", "generate", "stream_generate", "create_chat_completion", "PyllmError",
+           "__version__"]
 
 _LAZY = {
     "load": "pyllm.runtime.loader",
     "load_tokenizer": "pyllm.runtime.loader",
     "generate": "pyllm.runtime.generate",
     "stream_generate": "pyllm.runtime.generate",
+    "create_chat_completion": "pyllm.runtime.chat",
     "PyllmError": "pyllm.base",
 }
 

@@ -1,23 +1,25 @@
 """`pyllm chat`: talk to a chat model in a REPL.
 
     pyllm chat                      # SmolLM2-135M-Instruct, pulled into the cache on first use
-    pyllm chat -m model.gguf -sys "You are terse." --temp 0
+    pyllm chat model.gguf -sys "You are terse." --temp 0
     printf 'Hi\\nWhat is 2+2?\\n' | pyllm chat --temp 0     # one reply line per input line
 
-Each turn renders the whole conversation with the model's chat template; the text the
-model has already seen (the earlier prompts and its own replies, token for token) is
-kept, so only the new tokens are evaluated. When the context fills, the oldest turns are
-dropped (the system prompt stays). ChatSession holds all of that; the REPL and the
+A terminal UI over the runtime's chat completions (runtime/chat.py): each turn sends the
+whole conversation to create_chat_completion, which renders it with the chat template,
+evaluates only the tokens the KV cache does not hold yet and drops the oldest turns when the
+context fills. ChatSession keeps the messages (and /save, /load); the REPL and the
 line-by-line mode are thin layers over it.
 """
 
 import argparse
 import json
 import os
+import select
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyllm.base import PyllmError
@@ -33,29 +35,9 @@ HELP = """commands:
   /exit            leave (Ctrl-D too)
 end a line with \\ to continue the message on the next line; Ctrl-C stops a reply"""
 
-# End-of-turn markers of well-known templates: generation stops on them when the
-# template uses them and they are single special tokens of the vocabulary.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>",
-               "<|endoftext|>", "</s>")
-
-
-@dataclass
-class TurnStats:
-    prompt_tokens: int = 0  # tokens evaluated for the prompt this turn (the new ones only)
-    prompt_s: float = 0.0
-    reply_tokens: int = 0
-    ttft_s: float = 0.0  # from the message being submitted to the first token of the reply
-    reply_s: float = 0.0  # from the first token of the reply to the last
-    stop_reason: str = ""  # "eog", "length", "context", "interrupted"
-
-    @property
-    def reply_tps(self) -> float:
-        # tokens after the first over the time they took, as a user watches them stream
-        return (self.reply_tokens - 1) / self.reply_s if self.reply_tokens > 1 and self.reply_s > 0 else 0.0
-
 
 class ChatSession:
-    """A conversation with a model, kept in sync with the model's KV cache.
+    """A conversation with a model: the messages so far, the system prompt, the last turn's stats.
 
     template None: completion mode (each message is a prompt that the model continues).
     notify(text): where one-line notices go (context shift, ...).
@@ -63,18 +45,18 @@ class ChatSession:
 
     def __init__(self, model, template, sampler, max_tokens: int = -1, system: str | None = None,
                  ignore_eos: bool = False, notify=None):
+        from pyllm.runtime.chat import ChatStats
+
         self.model = model
         self.template = template
         self.sampler = sampler
-        self.max_tokens = sys.maxsize if max_tokens is None or max_tokens < 0 else max_tokens
+        self.max_tokens = None if max_tokens is None or max_tokens < 0 or max_tokens >= sys.maxsize else max_tokens
         self.system = system or None
         self.ignore_eos = ignore_eos
         self.notify = notify or (lambda text: print(text, file=sys.stderr, flush=True))
         self.messages = []  # user and assistant messages (the system prompt is self.system)
-        self.segments = []  # [(text, ids)]: the conversation as the model was fed it, in order
-        self.last = TurnStats()
+        self.last = ChatStats()
         self.shift_noticed = False
-        self.stop_ids = self._stop_ids()
 
     # -- conversation ------------------------------------------------------------------
 
@@ -96,13 +78,20 @@ class ChatSession:
         return {"format": "pyllm-chat", "messages": self.conversation()}
 
     def save(self, path):
+        """Write the conversation as JSON (through a temporary file, so never half a file)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise PyllmError(f"cannot write {path}: {e.strerror}") from None
 
     def load(self, path):
         """Replace the conversation (system prompt included) with one saved by save()."""
+        from pyllm.runtime.chat import validate_messages
+
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
@@ -110,13 +99,13 @@ class ChatSession:
         except (ValueError, UnicodeDecodeError) as e:
             raise PyllmError(f"{path} is not a JSON conversation: {e}") from None
         messages = data.get("messages") if isinstance(data, dict) else data
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise PyllmError(f"{path}: expected a list of {{\"role\": system|user|assistant, \"content\": text}} messages")
+        try:
+            messages = validate_messages(messages)
+        except PyllmError as e:
+            raise PyllmError(f"{path}: expected a list of {{\"role\": system|user|assistant, \"content\": text}} "
+                             f"messages ({e})") from None
         system = None
-        if messages and messages[0]["role"] == "system":
+        if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
         if any(m["role"] == "system" for m in messages):
             raise PyllmError(f"{path}: a system message may only come first")
@@ -127,8 +116,8 @@ class ChatSession:
     # -- turns -------------------------------------------------------------------------
 
     def reply(self, text: str, on_piece=None, should_stop=None) -> str:
-        """Add a user message, generate the assistant's reply (streamed through on_piece)
-        and add it to the conversation; returns the reply text."""
+        """Add a user message, generate the assistant's reply (streamed through on_piece; it
+        stops when should_stop() turns true) and add it to the conversation; returns the reply."""
         self.messages.append({"role": "user", "content": text})
         try:
             return self._generate(on_piece, should_stop)
@@ -145,137 +134,55 @@ class ChatSession:
             self.messages.pop()
         return self._generate(on_piece, should_stop)
 
-    def prompt_ids(self) -> list:
-        """The token ids of the conversation so far plus the assistant's turn opening,
-        dropping the oldest turns when the prompt and room for a reply do not fit."""
-        n_ctx = self.model.n_ctx
-        reserve = max(1, min(self.max_tokens, n_ctx // 4))
-        dropped = 0
-        while True:
-            ids, segments = self._build_ids()
-            if len(ids) + reserve <= n_ctx:
-                break
-            if not self.completion_mode and self._drop_oldest_turn():
-                dropped += 1
-                continue
-            if len(ids) < n_ctx:
-                break  # the last message alone: the reply gets what room is left
-            raise PyllmError(f"the message is {len(ids)} tokens with the conversation's prompt; the context holds "
-                             f"{n_ctx} (raise -c)")
-        if dropped and not self.shift_noticed:
-            self.shift_noticed = True
-            self.notify(f"[context full ({n_ctx} tokens): dropping the oldest turns to make room; "
-                        "the system prompt is kept]")
-        self._pending_segments = segments
-        return ids
-
-    def _drop_oldest_turn(self) -> bool:
-        """Remove the oldest user message and the replies to it; keep the last user message."""
-        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
-        if len(users) < 2:
-            return False
-        del self.messages[: users[1]]
-        return True
-
-    def _render(self) -> str:
-        if self.completion_mode:
-            return self.messages[-1]["content"] if self.messages else ""
-        return self.template.render(self.conversation(), add_generation_prompt=True)
-
-    def _build_ids(self):
-        """Tokens for the rendered prompt, reusing the known (text, ids) segments that start it,
-        so the model's own reply tokens are kept as generated (llama.cpp does the same)."""
-        from pyllm.runtime.chat_template import encode_rendered
-
-        text = self._render()
-        if self.completion_mode:
-            tok = self.model.tokenizer
-            ids = list(tok.encode(text)) if text else []
-            if not ids and tok.bos_id is not None:
-                ids = [tok.bos_id]
-            return ids, [(text, ids)]
-        pos, ids, segments = 0, [], []
-        for seg_text, seg_ids in self.segments:
-            if not seg_text or not text.startswith(seg_text, pos):
-                break
-            pos += len(seg_text)
-            ids.extend(seg_ids)
-            segments.append((seg_text, seg_ids))
-        rest = text[pos:]
-        if rest or not ids:
-            rest_ids = encode_rendered(self.model.tokenizer, rest, first=not ids)
-            ids.extend(rest_ids)
-            segments.append((rest, rest_ids))
-        return ids, segments
-
-    def _stop_ids(self) -> frozenset:
-        tok = self.model.tokenizer
-        if self.ignore_eos:
-            return frozenset()
-        stop = set(tok.eog_ids)
-        if self.template is not None:
-            for marker in END_OF_TURN:
-                if marker in self.template.source or marker == self.template.eos_token:
-                    try:
-                        ids = tok.encode(marker, add_bos=False, add_eos=False, parse_special=True)
-                    except Exception:
-                        continue
-                    if len(ids) == 1 and tok.is_control(ids[0]):
-                        stop.add(int(ids[0]))
-        return frozenset(stop)
-
     def _generate(self, on_piece=None, should_stop=None) -> str:
-        from pyllm.runtime.tokenizer import IncrementalDecoder
+        from pyllm.runtime.chat import ChatStats, create_chat_completion
+        from pyllm.runtime.generate import stream_generate
 
-        model = self.model
+        stats = self.last = ChatStats()
         t_submit = time.perf_counter()
         if self.completion_mode:
-            self.segments = []
-        ids = self.prompt_ids()
-        todo = model.reuse_prefix(ids)
-        stats = self.last = TurnStats(prompt_tokens=len(todo))
-        decoder = IncrementalDecoder(model.tokenizer)
-        pieces, out_ids = [], []
+            limit = sys.maxsize if self.max_tokens is None else self.max_tokens
+            stream = stream_generate(self.model, self.messages[-1]["content"], limit, stats=stats,
+                                     ignore_eos=self.ignore_eos, sampler=self.sampler)
+            pieces = stream
+        else:
+            stream = create_chat_completion(self.model, self.conversation(), stream=True, max_tokens=self.max_tokens,
+                                            template=self.template, ignore_eos=self.ignore_eos, stats=stats,
+                                            sampler=self.sampler)
+            pieces = (chunk["choices"][0]["delta"].get("content", "") for chunk in stream)
+            if stats.dropped:
+                del self.messages[: stats.dropped]
+                if not self.shift_noticed:
+                    self.shift_noticed = True
+                    self.notify(f"[context full ({self.model.n_ctx} tokens): dropping the oldest turns to make "
+                                "room; the system prompt is kept]")
+        received = []
         t_first = None
-        stats.stop_reason = "length"
+        done = False
         try:
-            logits = model.eval(todo)
-            stats.prompt_s = time.perf_counter() - t_submit
-            for _ in range(self.max_tokens):
-                token = self.sampler.sample(logits, model.tokens)
-                if token in self.stop_ids:
-                    stats.stop_reason = "eog"
-                    break
-                if len(model.tokens) >= model.n_ctx:
-                    stats.stop_reason = "context"
-                    break
-                out_ids.append(token)
+            for piece in pieces:
+                if not piece:
+                    continue
                 if t_first is None:
                     t_first = time.perf_counter()
-                    stats.ttft_s = t_first - t_submit
-                piece = decoder.add(token)
-                if piece:
-                    pieces.append(piece)
-                    if on_piece:
-                        on_piece(piece)
-                if should_stop is not None and should_stop():
+                received.append(piece)
+                if on_piece:
+                    on_piece(piece)
+                if should_stop is not None and should_stop():  # checked after each piece shown
                     stats.stop_reason = "interrupted"
                     break
-                logits = model.eval([token])
+            done = True
         finally:
-            tail = decoder.flush()
-            if tail:
-                pieces.append(tail)
-                if on_piece:
-                    on_piece(tail)
-            if t_first is not None:
-                stats.reply_s = time.perf_counter() - t_first
-            stats.reply_tokens = len(out_ids)
-            text = "".join(pieces)
-            self.messages.append({"role": "assistant", "content": text})
-            self.segments = list(self._pending_segments) + [(text, out_ids)]
+            stream.close()
+            text = "".join(received)
+            if done or received:  # a reply, or part of one; an error before any text leaves none
+                self.messages.append({"role": "assistant", "content": text})
+        if self.completion_mode and t_first is not None:  # chat completions time themselves
+            stats.ttft_s = t_first - t_submit
+            stats.reply_s = time.perf_counter() - t_first
         if stats.stop_reason == "context":
-            self.notify(f"[reply cut: the context ({model.n_ctx} tokens) is full; the next message drops old turns]")
+            self.notify(f"[reply cut: the context ({self.model.n_ctx} tokens) is full; the next message drops "
+                        "old turns]")
         return text
 
     # -- stats -------------------------------------------------------------------------
@@ -285,10 +192,9 @@ class ChatSession:
         lines = [f"context: {len(self.model.tokens)} / {self.model.n_ctx} tokens, {len(self.messages)} messages"
                  + (" + system prompt" if self.system else "")]
         if s.stop_reason:
-            lines.append(f"last reply: {s.reply_tokens} tokens, {s.reply_tps:.1f} tokens/s, "
+            lines.append(f"last reply: {s.completion_tokens} tokens, {s.reply_tps:.1f} tokens/s, "
                          f"time to first token {s.ttft_s * 1e3:.0f} ms ({s.prompt_tokens} new prompt tokens"
-                         f"{f', {s.prompt_tokens / s.prompt_s:.0f} tokens/s' if s.prompt_s else ''}), "
-                         f"stopped: {s.stop_reason}")
+                         f"{f', {s.prompt_tps:.0f} tokens/s' if s.prompt_s else ''}), stopped: {s.stop_reason}")
         return "\n".join(lines)
 
 
@@ -352,14 +258,28 @@ def setup_readline():
     atexit.register(save)
 
 
+def clean_text(line: str) -> str:
+    """A line as valid Unicode: bytes that were not UTF-8 (kept as surrogate escapes) are
+    decoded as errors="replace" decodes them, to U+FFFD; any other lone surrogate too."""
+    try:
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:
+        pass
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in line)
+
+
 def read_message(read_line, prompt_first: str = "", prompt_cont: str = ""):
     """One message: lines joined while they end with a backslash. EOFError at end of input."""
     lines = []
-    line = read_line(prompt_first)
+    line = clean_text(read_line(prompt_first))
     while line.endswith("\\"):
         lines.append(line[:-1])
         try:
-            line = read_line(prompt_cont)
+            line = clean_text(read_line(prompt_cont))
         except EOFError:
             line = ""
             break
@@ -367,30 +287,112 @@ def read_message(read_line, prompt_first: str = "", prompt_cont: str = ""):
     return "\n".join(lines)
 
 
-class Interrupt:
-    """SIGINT sets a flag while a reply streams (so the model's state is never cut mid-step)."""
+class CtrlC:
+    """Ctrl-C in the REPL: while a reply streams it sets a flag the reply checks after each
+    token (so the model is never cut mid-step); anywhere else it raises KeyboardInterrupt.
+
+    The race this class closes: CPython's readline waits for keys in select() and runs Python
+    signal handlers only when select() is interrupted by a signal. A SIGINT that lands after
+    input() is entered but before select() blocks -- while readline draws the prompt, which it
+    writes byte by byte -- is only noted by the C-level handler; Python sees it after the next
+    line is typed, and the KeyboardInterrupt then throws that line away. That C-level handler
+    also writes the signal number to signal.set_wakeup_fd's pipe. A watcher thread reads the
+    pipe and, while the main thread sits in input() with the SIGINT not yet handled, pokes it
+    with SIGUSR1 (whose handler does nothing), so select() returns EINTR and the pending SIGINT
+    handler runs. A SIGINT handled normally is drained from the pipe by the handler itself.
+    """
+
+    POLL_S = 0.02
 
     def __init__(self):
+        self.streaming = False  # a reply is being generated: Ctrl-C sets .hit
         self.hit = False
+        self.in_input = False  # the main thread is inside input()
+        self.handled_at = 0.0  # time.monotonic() of the last run of the SIGINT handler
+        self._closed = False
 
     def __enter__(self):
-        self.hit = False
-        self.old = signal.signal(signal.SIGINT, self._handler)
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._main = threading.get_ident()
+        self._old_int = signal.signal(signal.SIGINT, self._on_sigint)
+        self._watcher = None
+        if hasattr(signal, "pthread_kill"):  # POSIX (where readline is)
+            self._old_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+            self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(target=self._watch, name="pyllm-ctrl-c", daemon=True)
+            self._watcher.start()
         return self
 
-    def _handler(self, signum, frame):
-        self.hit = True
-
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.old)
+        signal.signal(signal.SIGINT, self._old_int)
+        self._closed = True
+        if self._watcher is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            signal.signal(signal.SIGUSR1, self._old_usr1)
+            try:
+                os.write(self._w, b"\0")  # wakes the watcher, which sees _closed
+            except OSError:
+                pass
+            self._watcher.join(timeout=1.0)
+        os.close(self._r)
+        os.close(self._w)
         return False
+
+    def _on_sigint(self, signum, frame):
+        self.handled_at = time.monotonic()
+        try:
+            while os.read(self._r, 512):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+        if self.streaming:
+            self.hit = True
+            return
+        raise KeyboardInterrupt
+
+    def _watch(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR1})  # signals go to the main thread
+        while not self._closed:
+            select.select([self._r], [], [])
+            seen = time.monotonic()
+            try:
+                data = os.read(self._r, 512)
+            except OSError:  # the handler drained it first: handled
+                continue
+            if signal.SIGINT not in data:
+                continue
+            time.sleep(self.POLL_S)
+            while not self._closed and self.handled_at < seen:
+                if self.in_input:
+                    signal.pthread_kill(self._main, signal.SIGUSR1)
+                time.sleep(self.POLL_S)
+
+    def input(self, prompt: str = "") -> str:
+        self.in_input = True
+        try:
+            return input(prompt)
+        finally:
+            self.in_input = False
+
+    @contextmanager
+    def reply(self):
+        """Ctrl-C sets .hit instead of raising, for the duration of a reply."""
+        self.hit = False
+        self.streaming = True
+        try:
+            yield self
+        finally:
+            self.streaming = False
 
     def __call__(self) -> bool:
         return self.hit
 
 
-def run_command(session: ChatSession, line: str, ui: UI, interactive: bool) -> bool:
-    """Handle a /command; returns False when the session should end."""
+def run_command(session: ChatSession, line: str, ui: UI, keys: CtrlC | None = None) -> bool:
+    """Handle a /command; returns False when the session should end. keys: the REPL's Ctrl-C
+    (None when stdin is not a terminal)."""
     cmd, _, arg = line.strip().partition(" ")
     arg = arg.strip()
     cmd = cmd.lower()
@@ -406,12 +408,13 @@ def run_command(session: ChatSession, line: str, ui: UI, interactive: bool) -> b
             session.set_system(arg)
             ui.note("[system prompt set]")
         else:
-            ui.note(f"system prompt: {session.system!r}" if session.system else "no system prompt (the template's default applies)")
+            ui.note(f"system prompt: {session.system!r}" if session.system
+                    else "no system prompt (the template's default applies)")
     elif cmd == "/regen":
         if not session.messages:
             ui.note("nothing to regenerate yet")
         else:
-            reply_streaming(session, None, ui, interactive)
+            reply_streaming(session, None, ui, keys)
     elif cmd == "/save":
         if not arg:
             ui.note("usage: /save FILE")
@@ -431,57 +434,56 @@ def run_command(session: ChatSession, line: str, ui: UI, interactive: bool) -> b
     return True
 
 
-def reply_streaming(session: ChatSession, text: str | None, ui: UI, interactive: bool):
-    """Generate one reply, streamed to stdout; Ctrl-C stops it when interactive."""
-    if interactive:
-        with Interrupt() as stop:
-            out = session.reply(text, ui.piece, stop) if text is not None else session.regen(ui.piece, stop)
-        if stop.hit:
-            ui.piece("\n")
-            ui.note("[reply stopped]")
-            return out
-    else:
+def reply_streaming(session: ChatSession, text: str | None, ui: UI, keys: CtrlC | None = None):
+    """Generate one reply (text None: again for the last message), streamed to stdout; with
+    keys (a terminal), Ctrl-C stops it."""
+    if keys is None:
         out = session.reply(text, ui.piece) if text is not None else session.regen(ui.piece)
+        ui.piece("\n")
+        return out
+    with keys.reply():
+        out = session.reply(text, ui.piece, keys) if text is not None else session.regen(ui.piece, keys)
     ui.piece("\n")
+    if session.last.stop_reason == "interrupted":
+        ui.note("[reply stopped]")
+    elif keys.hit:  # Ctrl-C after the last token: what it means at the prompt
+        raise KeyboardInterrupt
     return out
 
 
 def repl(session: ChatSession, ui: UI):
     setup_readline()
-    warned = False
-    while True:
-        try:
-            line = read_message(input, ui.prompt(), ui.prompt(cont=True))
-        except EOFError:
-            print(file=sys.stdout, flush=True)
-            return 0
-        except KeyboardInterrupt:
-            if warned:
+    warned = False  # a Ctrl-C at the prompt asks first; a second one leaves
+    with CtrlC() as keys:
+        while True:
+            try:
+                line = read_message(keys.input, ui.prompt(), ui.prompt(cont=True))
+                warned = False
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("/"):
+                    if not run_command(session, line, ui, keys):
+                        return 0
+                else:
+                    reply_streaming(session, line, ui, keys)
+            except EOFError:
                 print(file=sys.stdout, flush=True)
                 return 0
-            warned = True
-            print(file=sys.stdout, flush=True)
-            ui.note("(press Ctrl-C again or /exit to leave)")
-            continue
-        warned = False
-        if not line.strip():
-            continue
-        try:
-            if line.lstrip().startswith("/"):
-                if not run_command(session, line, ui, True):
+            except KeyboardInterrupt:
+                print(file=sys.stdout, flush=True)
+                if warned:
                     return 0
-                continue
-            reply_streaming(session, line, ui, True)
-        except PyllmError as e:
-            ui.note(f"error: {e}", "red")
-        except KeyboardInterrupt:  # Ctrl-C just before a reply started, or during a command
-            print(file=sys.stdout, flush=True)
-            ui.note("[stopped]")
+                warned = True
+                ui.note("(press Ctrl-C again or /exit to leave)")
+            except PyllmError as e:
+                ui.note(f"error: {e}", "red")
 
 
 def batch(session: ChatSession, ui: UI):
     """stdin is not a terminal: one message per line (a trailing backslash continues it),
-    one reply per message on stdout, each ending with a newline."""
+    one reply per message on stdout, each ending with a newline. A message that cannot be
+    answered (too long for the context, ...) gets an empty line on stdout and `error: ...` on
+    stderr, and the next line is served."""
     def read_line(_prompt):
         line = sys.stdin.readline()
         if not line:
@@ -495,11 +497,17 @@ def batch(session: ChatSession, ui: UI):
             return 0
         if not line.strip():
             continue
-        if line.lstrip().startswith("/"):
-            if not run_command(session, line, ui, False):
-                return 0
-            continue
-        reply_streaming(session, line, ui, False)
+        command = line.lstrip().startswith("/")
+        try:
+            if command:
+                if not run_command(session, line, ui):
+                    return 0
+            else:
+                reply_streaming(session, line, ui)
+        except PyllmError as e:
+            if not command:
+                ui.piece("\n")  # this message's reply line, empty
+            ui.note(f"error: {e}")
 
 
 def main(argv=None) -> int:
@@ -528,10 +536,11 @@ def main(argv=None) -> int:
     interactive = sys.stdin.isatty()
     color = interactive and sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
     ui = UI(color)
-    try:
-        sys.stdout.reconfigure(errors="replace")
-    except (AttributeError, ValueError):
-        pass
+    for stream in (sys.stdin, sys.stdout):
+        try:  # bytes that are not UTF-8 (typed or piped) become U+FFFD instead of ending the session
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
     max_tokens = max_tokens_from_args(args)
     sampler = sampler_from_args(args)
 
@@ -539,7 +548,8 @@ def main(argv=None) -> int:
     if args.model is None:
         path = hub.resolve_default_chat_model()
         if path is None:
-            ui.note("pyllm: falling back to the bundled stories260K in completion mode (it continues the text you type)")
+            ui.note("pyllm: falling back to the bundled stories260K in completion mode "
+                    "(it continues the text you type)")
             completion = True
         else:
             args.model = str(path)

@@ -17,17 +17,17 @@ def add_model_arg(p: argparse.ArgumentParser, default_model: str | None = "the b
     model_arg(p, args)."""
     what = f"(default: {default_model})" if default_model else "(required)"
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help=f"GGUF model file {what}")
-    p.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help="the same, as an option")
-    p.set_defaults(_model_required=default_model is None)
+    p.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help="the model file, as an option")
+    p.set_defaults(model_required=default_model is None)
 
 
 def model_arg(p: argparse.ArgumentParser, args) -> str | None:
     """The model path given positionally or with -m (a usage error when both or, if required, neither);
     also stored as args.model."""
     if args.model_pos is not None and args.model_opt is not None:
-        p.error(f"the model is given twice: {args.model_pos!r} and -m {args.model_opt!r}; give one")
+        p.error(f"the model is given twice, as MODEL ({args.model_pos}) and with -m ({args.model_opt}); give one")
     args.model = args.model_pos if args.model_pos is not None else args.model_opt
-    if args.model is None and args._model_required:
+    if args.model is None and args.model_required:
         p.error("a model file is required (MODEL or -m MODEL)")
     return args.model
 
@@ -40,7 +40,8 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "the bundled
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate (-1: until end of text or full context)")
+    p.add_argument("-n", "--n-predict", type=int, default=-1,
+                   help="tokens to generate (-1: until end of text or full context)")
     p.add_argument("--temp", type=float, default=0.8, help="temperature (<= 0: greedy)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (<= 0: off)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (1.0: off)")
@@ -97,7 +98,8 @@ def print_timings(load_s, warmup_s, stats):
     def line(label, seconds, n):
         per_tok = seconds * 1e3 / n if n else 0.0
         tps = n / seconds if seconds else 0.0
-        return f"{label:>16} = {seconds * 1e3:10.2f} ms / {n:5d} tokens ({per_tok:8.2f} ms per token, {tps:8.2f} tokens per second)"
+        return (f"{label:>16} = {seconds * 1e3:10.2f} ms / {n:5d} tokens ({per_tok:8.2f} ms per token, "
+                f"{tps:8.2f} tokens per second)")
 
     print(file=sys.stderr)
     print(f"{'load time':>16} = {load_s * 1e3:10.2f} ms (+ {warmup_s * 1e3:.2f} ms JIT warm-up)", file=sys.stderr)

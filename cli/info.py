@@ -4,6 +4,10 @@ import argparse
 import math
 from collections import Counter
 
+from pyllm.cli.common import add_model_arg, model_arg
+
+CPU_FEATURES = ("avx", "fma", "f16c", "amx", "sse4", "neon", "sve")  # the prefixes of those the kernels care about
+
 
 def human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T"):
@@ -26,8 +30,9 @@ def main(argv=None) -> int:
     from pyllm.runtime.loader import bundled_model
 
     p = argparse.ArgumentParser(prog="pyllm info", description="Describe a GGUF model file.")
-    p.add_argument("model", nargs="?", help="GGUF file (default: the bundled stories260K)")
+    add_model_arg(p)
     args = p.parse_args(argv)
+    model_arg(p, args)
 
     g = GGUFFile(args.model or bundled_model())
     meta = g.metadata
@@ -38,6 +43,8 @@ def main(argv=None) -> int:
 
     def get(key, default="-"):
         return meta.get(f"{arch}.{key}", default)
+
+    n_heads = get("attention.head_count")
 
     rows = [
         ("file", f"{g.path} (GGUF v{g.version})"),
@@ -50,12 +57,13 @@ def main(argv=None) -> int:
         ("context", get("context_length")),
         ("layers", get("block_count")),
         ("embedding", get("embedding_length")),
-        ("heads (kv)", f"{get('attention.head_count')} ({get('attention.head_count_kv', get('attention.head_count'))})"),
+        ("heads (kv)", f"{n_heads} ({get('attention.head_count_kv', n_heads)})"),
         ("rope base", get("rope.freq_base", 10000.0)),
-        ("tokenizer", f"{meta.get('tokenizer.ggml.model', '-')} ({len(meta.get('tokenizer.ggml.tokens', []))} tokens, pre={meta.get('tokenizer.ggml.pre', '-')})"),
+        ("tokenizer", f"{meta.get('tokenizer.ggml.model', '-')} ({len(meta.get('tokenizer.ggml.tokens', []))} tokens, "
+                      f"pre={meta.get('tokenizer.ggml.pre', '-')})"),
         ("chat template", "yes" if "tokenizer.chat_template" in meta else "no"),
         ("license", meta.get("general.license", "-")),
-        ("cpu features", " ".join(sorted(f for f in cpu_features() if f.startswith(("avx", "fma", "f16c", "amx", "sse4", "neon", "sve"))))),
+        ("cpu features", " ".join(sorted(f for f in cpu_features() if f.startswith(CPU_FEATURES)))),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

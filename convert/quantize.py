@@ -27,7 +27,6 @@ pyllm file type ids (general.file_type 1000..1003) that llama.cpp does not know 
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -422,7 +421,7 @@ def quantize_gguf(inp, out, type_name: str, *, allow_requantize: bool = False, l
         if new == info.qtype:
             def load():
                 data = np.array(src.raw(name))  # a copy, so the map's pages can be dropped
-                _drop_pages(src, info)
+                src.drop_pages(name)
                 return data
             return load
         rows = int(np.prod(shapes[name][:-1], dtype=np.int64)) if len(shapes[name]) > 1 else 1
@@ -440,7 +439,7 @@ def quantize_gguf(inp, out, type_name: str, *, allow_requantize: bool = False, l
                 yield from inner()
             except ValueError as e:  # values the type cannot hold (NaN in NF4, ...)
                 raise PyllmError(f"{inp}: tensor {name}: {e}") from None
-            _drop_pages(src, info)
+            src.drop_pages(name)
 
         return load
 
@@ -456,18 +455,3 @@ def quantize_gguf(inp, out, type_name: str, *, allow_requantize: bool = False, l
 
     w.write(progress=progress, on_tensor=on_tensor, description=f"quantize {ft.name}")
     return report
-
-
-def _drop_pages(src, info):
-    """Tell the kernel we are done with a tensor's mapped pages, so the resident set stays
-    about one tensor (best effort)."""
-    mm = getattr(src, "_mmap", None)
-    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
-        return
-    start = src.data_offset + info.offset
-    page = mmap.PAGESIZE
-    a = start // page * page
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, a, start + info.nbytes - a)
-    except (OSError, ValueError, AttributeError):
-        pass

@@ -49,7 +49,7 @@ class STensor:
 
     def raw(self, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
         """Stored values of rows [row_start, row_stop) of the first axis (BF16 as uint16 bits)."""
-        return self.file._read(self, row_start, row_stop)
+        return self.file.read_rows(self, row_start, row_stop)
 
     def to_f32(self, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
         """Rows [row_start, row_stop) (all by default) as a float32 array."""
@@ -97,7 +97,8 @@ class SafetensorsFile:
                 raise PyllmError(f"{self.path}: tensor {name!r} has bad offsets {begin}..{end} (file truncated?)")
             self.tensors[name] = STensor(name, dtype, shape, base + begin, base + end, self)
 
-    def _read(self, t: STensor, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
+    def read_rows(self, t: STensor, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
+        """Stored values of rows [row_start, row_stop) of tensor t of this file (STensor.raw)."""
         rows = t.shape[0] if t.shape else 1
         row_stop = rows if row_stop is None else min(row_stop, rows)
         inner = t.shape[1:] if t.shape else ()
@@ -157,7 +158,8 @@ class SafetensorsModel:
         for f in self.files:
             for t in sorted(f.tensors.values(), key=lambda t: t.begin):
                 if t.name in self.tensors:
-                    raise PyllmError(f"tensor {t.name!r} appears in both {self.tensors[t.name].file.path.name} and {f.path.name}")
+                    first = self.tensors[t.name].file.path.name
+                    raise PyllmError(f"tensor {t.name!r} appears in both {first} and {f.path.name}")
                 self.tensors[t.name] = t
 
     def __contains__(self, name):

@@ -1,12 +1,14 @@
 """Text generation: generate_step (token ids), stream_generate (text pieces), generate."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 from pyllm.base import PyllmError
 from pyllm.runtime.sampling import Sampler
 from pyllm.runtime.tokenizer import IncrementalDecoder
+
+SAMPLING_KEYWORDS = frozenset(f.name for f in fields(Sampler) if f.init)
 
 
 @dataclass
@@ -15,6 +17,7 @@ class GenerationStats:
     prompt_s: float = 0.0
     decode_tokens: int = 0  # tokens sampled and evaluated after the prompt
     decode_s: float = 0.0
+    completion_tokens: int = 0  # tokens sampled and yielded (the last one may not be evaluated)
     stop_reason: str = ""  # "eog", "length" or "context"
 
     @property
@@ -27,32 +30,42 @@ class GenerationStats:
 
 
 def generate_step(model, ids, sampler: Sampler, max_tokens: int, stats: GenerationStats | None = None,
-                  ignore_eos: bool = False) -> Iterator[int]:
+                  ignore_eos: bool = False, stop_ids=None) -> Iterator[int]:
     """Evaluate ids on top of the cache, then yield up to max_tokens sampled tokens.
 
-    Stops before an end-of-generation token (not yielded, not evaluated) unless
-    ignore_eos, and when the context is full. Each yielded token is already in the cache.
+    A token is yielded as soon as it is sampled and evaluated when the next one is asked
+    for, so a consumer that stops early (break, close()) leaves its last token out of the
+    cache, and the last of max_tokens is never evaluated (llama.cpp counts the same way:
+    n tokens, n - 1 evaluations). Stops before a token of stop_ids (default: the
+    tokenizer's end-of-generation tokens; not yielded, not evaluated) unless ignore_eos,
+    and when the context has no room for another token.
     """
     stats = stats if stats is not None else GenerationStats()
     t0 = time.perf_counter()
     logits = model.eval(ids)
     stats.prompt_tokens += len(ids)
     stats.prompt_s += time.perf_counter() - t0
-    eog = frozenset() if ignore_eos else model.tokenizer.eog_ids
+    if ignore_eos:
+        stop_ids = frozenset()
+    elif stop_ids is None:
+        stop_ids = model.tokenizer.eog_ids
     stats.stop_reason = "length"
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         token = sampler.sample(logits, model.tokens)
-        if token in eog:
+        if token in stop_ids:
             stats.stop_reason = "eog"
             return
         if len(model.tokens) >= model.n_ctx:
             stats.stop_reason = "context"
             return
+        stats.completion_tokens += 1
+        yield token
+        if i + 1 == max_tokens:
+            return
         t0 = time.perf_counter()
         logits = model.eval([token])
         stats.decode_s += time.perf_counter() - t0
         stats.decode_tokens += 1
-        yield token
 
 
 def prompt_ids(model, prompt) -> list:
@@ -75,14 +88,15 @@ def prompt_ids(model, prompt) -> list:
 
 
 def stream_generate(model, prompt, max_tokens: int = 256, stats: GenerationStats | None = None,
-                    ignore_eos: bool = False, **sampling) -> Iterator[str]:
+                    ignore_eos: bool = False, sampler: Sampler | None = None, **sampling) -> Iterator[str]:
     """Yield the generated text piece by piece (never half a UTF-8 character).
 
     sampling: the Sampler fields (temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-    frequency_penalty, presence_penalty, seed). The KV cache is reused for any prefix the
-    prompt shares with what the model evaluated last.
+    frequency_penalty, presence_penalty, seed); or sampler, a Sampler whose random state
+    carries on from call to call. The KV cache is reused for any prefix the prompt shares
+    with what the model evaluated last.
     """
-    sampler = Sampler(**sampling)
+    sampler = make_sampler(sampler, sampling)
     ids = prompt_ids(model, prompt)
     todo = model.reuse_prefix(ids)
     decoder = IncrementalDecoder(model.tokenizer)
@@ -97,6 +111,19 @@ def stream_generate(model, prompt, max_tokens: int = 256, stats: GenerationStats
     tail = decoder.flush()
     if tail:
         yield tail
+
+
+def make_sampler(sampler: Sampler | None, sampling: dict) -> Sampler:
+    """The Sampler a call draws with: the one given, or one made from the sampling keywords
+    (unknown keywords are a one-line error naming the known ones)."""
+    if sampler is not None:
+        if sampling:
+            raise PyllmError(f"give either sampler= or sampling keywords, not both (got {', '.join(sampling)})")
+        return sampler
+    unknown = sorted(set(sampling) - SAMPLING_KEYWORDS)
+    if unknown:
+        raise PyllmError(f"unknown sampling keyword {unknown[0]!r}; known: {', '.join(sorted(SAMPLING_KEYWORDS))}")
+    return Sampler(**sampling)
 
 
 def generate(model, prompt, max_tokens: int = 256, **kwargs) -> str:

@@ -118,7 +118,8 @@ class GGUFFile:
             vtype = cur.scalar("<I")
             item_type = None
             if vtype == ValueType.ARRAY:
-                item_type = struct.unpack("<I", self._buf[cur.pos : cur.pos + 4])[0] if cur.pos + 4 <= len(self._buf) else None
+                if cur.pos + 4 <= len(self._buf):
+                    item_type = struct.unpack("<I", self._buf[cur.pos : cur.pos + 4])[0]
             self.metadata[key] = cur.value(vtype)
             self.value_types[key] = (vtype, item_type)
 
@@ -205,6 +206,21 @@ class GGUFFile:
 
         info = self.tensors[name]
         return dequantize(self.qtensor(name)).reshape(tuple(reversed(info.dims)))
+
+    def drop_pages(self, name: str):
+        """Tell the kernel the tensor's mapped pages are not needed for now (best effort; views
+        stay valid and read the file again), so one pass over all tensors (quantize) keeps the
+        resident set near one tensor."""
+        mm = self._mmap
+        if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+            return
+        info = self.tensors[name]
+        start = self.data_offset + info.offset
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, first, start + info.nbytes - first)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def close(self):
         # Views handed out keep the map alive through the buffer protocol; drop ours only.

@@ -416,3 +416,11 @@ class Model:
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.gguf.tensors.values())
+
+    # -- the Python API ------------------------------------------------------------------
+
+    def create_chat_completion(self, messages, **kw):
+        """The assistant's reply to messages in OpenAI's shapes: see runtime/chat.py."""
+        from pyllm.runtime.chat import create_chat_completion
+
+        return create_chat_completion(self, messages, **kw)

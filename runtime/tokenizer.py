@@ -184,8 +184,8 @@ class Tokenizer:
         if model is None:
             raise PyllmError("the model file has no tokenizer (tokenizer.ggml.model is missing)")
         if model not in ("llama", "gpt2"):
-            raise PyllmError(f"unsupported tokenizer type {model!r} (tokenizer.ggml.model); "
-                             "only 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) are supported")
+            raise PyllmError(f"unsupported tokenizer type {model!r} (tokenizer.ggml.model); only 'llama' "
+                             "(SentencePiece) and 'gpt2' (byte-level BPE) are supported")
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None or len(tokens) == 0:
             raise PyllmError("the model file has no vocabulary (tokenizer.ggml.tokens is missing)")
@@ -264,7 +264,8 @@ class Tokenizer:
 
         # piece bytes of every token (for decoding)
         self._bytes = [self._piece_bytes(i) for i in range(n)]
-        self._skip = frozenset(i for i, t in enumerate(self.types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN))
+        # control and unknown tokens: decoded as nothing unless skip_special=False
+        self.skipped_ids = frozenset(i for i, t in enumerate(self.types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN))
         self._cache = {}
 
         if spm:
@@ -455,7 +456,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         parts = []
         for k, i in enumerate(ids):
-            if not skip_special and i in self._skip:
+            if not skip_special and i in self.skipped_ids:
                 b = self.tokens[i].encode("utf-8")
             else:
                 b = self._bytes[i]
@@ -485,10 +486,10 @@ class IncrementalDecoder:
     def add(self, token_id: int) -> str:
         tok = self.tokenizer
         token_id = int(token_id)
-        if not self.skip_special and token_id in tok._skip:
+        if not self.skip_special and token_id in tok.skipped_ids:
             b = tok.tokens[token_id].encode("utf-8")
         else:
-            b = tok._bytes[token_id]
+            b = tok.token_bytes(token_id)
         if self._n == 0:
             self._first_is_bos = token_id == tok.bos_id
         elif (self._n == 1 and self._first_is_bos and self.skip_special and tok._strips_after_bos()

@@ -1,5 +1,6 @@
 """The command line as a user meets it: stdout carries only text, errors are one line."""
 
+import io
 import os
 import subprocess
 import sys
@@ -87,3 +88,40 @@ def test_runs_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False"]
+
+
+# -- the model as a positional argument or -m ---------------------------------------------------
+
+
+def run_main(argv, capsys, stdin=None, monkeypatch=None):
+    """pyllm's main in-process: (exit code, stdout, stderr)."""
+    from pyllm.cli.main import main
+
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command, rest", [
+    ("generate", ["-p", "Once upon a time", "-n", "8", "--temp", "0", "-t", "1"]),
+    ("tokenize", ["-p", "Once upon a time", "--ids"]),
+    ("info", []),
+    ("chat", ["--chat-template", "chatml", "-n", "3", "--temp", "0", "-t", "1"]),
+])
+def test_model_positional_or_option_not_both(command, rest, stories260k, capsys, monkeypatch):
+    stdin = "Hello there\n" if command == "chat" else None
+    code, positional, err = run_main([command, str(stories260k), *rest], capsys, stdin, monkeypatch)
+    assert code == 0, err
+    assert positional.strip()
+    code, option, err = run_main([command, "-m", str(stories260k), *rest], capsys, stdin, monkeypatch)
+    assert code == 0 and option == positional, err
+    code, out, err = run_main([command, "x.gguf", "-m", str(stories260k), *rest], capsys, stdin, monkeypatch)
+    assert code == 2 and out == ""
+    assert "the model is given twice, as MODEL (x.gguf) and with -m" in err and str(stories260k) in err
+    code, out, err = run_main([command, "-h"], capsys)
+    assert code == 0 and "MODEL" in out and "-m MODEL, --model MODEL" in out

@@ -76,7 +76,8 @@ def chunk_logits(model, chunk, n_batch: int) -> np.ndarray:
     """Logits of one chunk at the scored positions first ... n_ctx - 2: (n_ctx - 1 - first, vocab).
 
     Evaluated from an empty cache in batches of at most n_batch tokens; the first token is
-    BOS when the model adds one. Batches wholly before `first` compute no logits but the last.
+    BOS when the model adds one. As llama.cpp computes logits only where they are scored, a
+    batch is also cut at `first`, and the part before it computes none but its last.
     """
     n_ctx = len(chunk)
     first = n_ctx // 2
@@ -84,15 +85,14 @@ def chunk_logits(model, chunk, n_batch: int) -> np.ndarray:
     tok = model.tokenizer
     if tok.add_bos and tok.bos_id is not None:
         ids[0] = tok.bos_id
+    cuts = sorted(set(range(0, n_ctx, n_batch)) | {first, n_ctx})
     model.reset()
     rows = []
-    for start in range(0, n_ctx, n_batch):
-        end = min(start + n_batch, n_ctx)
+    for start, end in zip(cuts, cuts[1:]):
         if end <= first:
             model.eval(ids[start:end])
-            continue
-        logits = model.eval(ids[start:end], all_logits=True)  # (end - start, vocab)
-        rows.append(logits[max(first - start, 0):])
+        else:
+            rows.append(model.eval(ids[start:end], all_logits=True))  # (end - start, vocab)
     model.reset()
     return np.concatenate(rows)[:-1]  # the last position predicts nothing in the chunk
 

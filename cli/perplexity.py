@@ -37,8 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-divergence", action="store_true",
                    help="compare the model with the base in --kl-divergence-base (KLD, same top p, PPL ratio)")
     p.add_argument("--kl-divergence-top-k", type=int, default=None, metavar="K",
-                   help="log-probabilities kept per token in a saved base: the K most likely, the rest as one "
-                   "bucket (default: 256; 0: the whole vocabulary, exact KLD)")
+                   help="keep only the K most likely log-probabilities per token in a saved base, the rest as one "
+                   "bucket: a much smaller file, but a KLD that misses the divergence within the bucket (default: "
+                   "keep all, 2 bytes per vocabulary entry per scored token)")
     return p
 
 
@@ -55,9 +56,8 @@ def main(argv=None) -> int:
         p.error("the text to score is required (-f TEXT)")
     if args.kl_divergence_top_k is not None and (args.kl_divergence or not args.kl_divergence_base):
         p.error("--kl-divergence-top-k applies to saving a base (--kl-divergence-base FILE without --kl-divergence)")
-    top_k = ppl.DEFAULT_TOP_K if args.kl_divergence_top_k is None else args.kl_divergence_top_k
-    if top_k < 0:
-        raise PyllmError(f"--kl-divergence-top-k must be 0 (all) or more, got {top_k}")
+    if args.kl_divergence_top_k is not None and args.kl_divergence_top_k < 1:
+        raise PyllmError(f"--kl-divergence-top-k must be 1 or more, got {args.kl_divergence_top_k}")
     if args.ctx_size is not None and args.ctx_size < 3:
         raise PyllmError(f"-c must be at least 3 tokens, got {args.ctx_size}")
     if args.batch_size < 1:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         base.check_compatible(model, args.ctx_size, tokens)
         run_kl_divergence(model, base, args)
     else:
-        run_perplexity(model, tokens, n_ctx, args, top_k)
+        run_perplexity(model, tokens, n_ctx, args)
     return 0
 
 
@@ -113,7 +113,7 @@ def eta_line(seconds: float, n_chunk: int) -> str:
     return f"{seconds:.2f} seconds per pass - ETA {hours}{(total % 3600) / 60:.2f} minutes"
 
 
-def run_perplexity(model, tokens, n_ctx: int, args, top_k: int):
+def run_perplexity(model, tokens, n_ctx: int, args):
     from pyllm.runtime import perplexity as ppl
 
     ppl.check_chunking(len(tokens), n_ctx)
@@ -127,8 +127,8 @@ def run_perplexity(model, tokens, n_ctx: int, args, top_k: int):
         print(f"[{i}]{running:.4f},", end="", flush=True)
 
     save = args.kl_divergence_base is not None
-    result, kl_base = ppl.perplexity(model, tokens, n_ctx, batch, args.chunks, on_chunk,
-                                     top_k=(top_k or model.args.vocab_size) if save else None)
+    result, kl_base = ppl.perplexity(model, tokens, n_ctx, batch, args.chunks, on_chunk, save_base=save,
+                                     top_k=args.kl_divergence_top_k)
     print()
     value, err = result.ppl, result.ppl_error
     if err == err:  # not nan
@@ -137,8 +137,9 @@ def run_perplexity(model, tokens, n_ctx: int, args, top_k: int):
         print(f"Final estimate: PPL = {value:.4f} (too few tokens for an error estimate)")
     if save:
         kl_base.save(args.kl_divergence_base)
-        info(f"saved the base (top {kl_base.top_k} log-probabilities of {kl_base.n_chunks * kl_base.rows_per_chunk} "
-             f"tokens) to {args.kl_divergence_base}")
+        what = "all" if kl_base.top_k == kl_base.n_vocab else f"the top {kl_base.top_k}"
+        info(f"saved the base ({what} log-probabilities of {len(kl_base.tok_logp)} tokens) "
+             f"to {args.kl_divergence_base}")
     print_speed(result.tokens_evaluated, result.eval_seconds, batch)
 
 
@@ -147,8 +148,9 @@ def run_kl_divergence(model, base, args):
 
     n_chunk = base.n_chunks if args.chunks < 0 else min(args.chunks, base.n_chunks)
     batch = min(args.batch_size, base.n_ctx)
-    info(f"computing over {n_chunk} chunks, n_ctx={base.n_ctx}, batch_size={batch}, base top_k={base.top_k} "
-         f"(from {base.model or 'the base model'})")
+    kept = "all" if base.top_k == base.n_vocab else f"the top {base.top_k}"
+    info(f"computing over {n_chunk} chunks, n_ctx={base.n_ctx}, batch_size={batch}, against {kept} log-probabilities "
+         f"of {base.model or 'the base model'}")
 
     def on_chunk(i, res):
         if i == 1:

@@ -12,14 +12,15 @@ The method of tools/perplexity/perplexity.cpp (`perplexity()` and `kl_divergence
 - PPL = exp(mean nll), its error PPL * sqrt((mean nll^2 - mean nll^2) / (count - 1)), the
   standard error of the mean nll carried through exp.
 
-The KL-divergence base file is pyllm's own (llama.cpp's stores 2 bytes per vocabulary entry per
-scored token, 0.5 GB for 20 chunks of a 49k vocabulary): per scored token, the base model's
-top_k log-probabilities (float32, with their ids), the log of the probability mass outside
-them, and the log-probability of the actual next token; plus the tokens, n_ctx and a hash of
-the vocabulary to check that a second run scores the same thing. The KL divergence is then
-computed over the top_k tokens and one bucket holding the rest: exact when top_k covers the
-vocabulary, otherwise a lower bound that differs from the full KLD only by the divergence
-within the tail (see benchmarks/README.md for its size on SmolLM2).
+The KL-divergence base file (pyllm's own format, an .npz) keeps, per scored token, the base
+model's log-probabilities as llama.cpp's base file does: 16-bit steps over the 16 nats below the
+row's most likely token (finer than float16 there), everything below that range summed exactly
+into one "rest" bucket; plus, exactly, the log-probability of the actual next token and the
+base's top-1 id, and the tokens, n_ctx and a hash of the vocabulary that a second run is checked
+against. That is 2 bytes per vocabulary entry per token (0.5 GB for 20 chunks of 512 with a 49k
+vocabulary). top_k keeps only the k most likely entries (ids stored), the rest in the bucket: a
+far smaller file, but the KLD then omits the divergence within the bucket, which on SmolLM2 and
+wikitext is ~12% of it at k = 256 (benchmarks/README.md).
 """
 
 import hashlib
@@ -27,13 +28,14 @@ import os
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from pyllm.base import PyllmError
 
 BASE_FORMAT = "pyllm-kld-base-1"
-DEFAULT_TOP_K = 256
+LOGP_RANGE = 16.0  # nats below a row's top log-prob that a base keeps (llama.cpp's cut)
+STEPS = 65535  # codes 1..65535 span that range; code 0: below it, counted in the rest bucket
 
 
 # -- tokens and chunks ----------------------------------------------------------------------
@@ -160,51 +162,69 @@ class PerplexityResult:
         return self.tokens_evaluated / self.eval_seconds if self.eval_seconds else 0.0
 
 
-@dataclass
-class _BaseRows:
-    """What a base file stores per scored token, gathered chunk by chunk."""
-
-    top_k: int
-    top_ids: list = field(default_factory=list)
-    top_logp: list = field(default_factory=list)
-    rest_logp: list = field(default_factory=list)
-    tok_logp: list = field(default_factory=list)
-
-    def add(self, lp: np.ndarray, targets: np.ndarray):
-        ids, top = top_k_logp(lp, self.top_k)
-        self.top_ids.append(ids)
-        self.top_logp.append(top.astype(np.float32))
-        self.rest_logp.append(rest_logp(lp, ids).astype(np.float32))
-        self.tok_logp.append(lp[np.arange(len(targets)), targets].astype(np.float32))
-
-
 def top_k_logp(lp: np.ndarray, k: int) -> tuple:
     """Per row the k largest log-probs, largest first (ties: lower id first): (ids int32, values)."""
-    rows, vocab = lp.shape
-    k = min(k, vocab)
-    ids = np.argpartition(-lp, k - 1, axis=1)[:, :k] if k < vocab else np.tile(np.arange(vocab), (rows, 1))
-    ids = np.sort(ids, axis=1)
+    ids = np.sort(np.argpartition(-lp, k - 1, axis=1)[:, :k], axis=1)
     vals = np.take_along_axis(lp, ids, axis=1)
     order = np.argsort(-vals, axis=1, kind="stable")
     return np.take_along_axis(ids, order, axis=1).astype(np.int32), np.take_along_axis(vals, order, axis=1)
 
 
-def rest_logp(lp: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per row log(sum of the probabilities outside ids); -inf when ids cover the vocabulary."""
-    masked = lp.copy()
-    np.put_along_axis(masked, ids.astype(np.int64), -np.inf, axis=1)
-    top = masked.max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.log(np.exp(masked - np.where(np.isfinite(top), top, 0.0)).sum(axis=1)) + top[:, 0]
-    return np.where(np.isfinite(top[:, 0]), out, -np.inf)
+def bucket_logsumexp(lp: np.ndarray, ids, coded: np.ndarray) -> np.ndarray:
+    """Per row log(sum of exp(lp) over the entries not coded): those outside ids (None: ids are
+    0..vocab-1) or with code 0. -inf for an empty bucket."""
+    in_bucket = ~coded if ids is None else np.ones(lp.shape, dtype=bool)
+    if ids is not None:
+        np.put_along_axis(in_bucket, ids.astype(np.int64), ~coded, axis=1)
+    x = np.where(in_bucket, lp, -np.inf)
+    top = x.max(axis=1)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(x - safe[:, None]).sum(axis=1)) + safe
+
+
+@dataclass
+class LogProbCodes:
+    """A base's log-probabilities of some rows, coded (see the module docstring)."""
+
+    ids: np.ndarray | None  # (rows, k) int32 when only the top k are kept; None: every id, in order
+    codes: np.ndarray  # (rows, k) uint16: 0 below the range, else 1 + steps above `low`
+    low: np.ndarray  # (rows,) float32: the log-prob of code 1
+    step: np.ndarray  # (rows,) float32: log-prob per code step
+    rest: np.ndarray  # (rows,) float32: log of the mass not coded (exact; -inf: none)
+
+    @classmethod
+    def encode(cls, lp: np.ndarray, top_k: int | None = None) -> "LogProbCodes":
+        """Code float64 log-probs (rows, vocab), all of them or the top_k of each row."""
+        ids, vals = (None, lp) if top_k is None or top_k >= lp.shape[1] else top_k_logp(lp, top_k)
+        high = vals.max(axis=1)
+        low64 = np.maximum(vals.min(axis=1), high - LOGP_RANGE)
+        low = low64.astype(np.float32)
+        low = np.where(low > low64, np.nextafter(low, np.float32(-np.inf)), low)  # rounded down: the bottom stays in
+        step = ((high - low) / (STEPS - 1)).astype(np.float32)
+        lo, st = low.astype(np.float64)[:, None], step.astype(np.float64)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            steps = np.where(st > 0, np.rint((vals - lo) / np.where(st > 0, st, 1.0)), 0.0)
+        codes = np.where(vals >= lo, 1 + np.clip(steps, 0, STEPS - 1), 0).astype(np.uint16)
+        rest = bucket_logsumexp(lp, ids, codes > 0).astype(np.float32)
+        return cls(ids, codes, low, step, rest)
+
+    def decode(self) -> tuple:
+        """(log-probs (rows, k) in float64, coded mask); entries with code 0 hold no value."""
+        lp = self.low.astype(np.float64)[:, None] + (self.codes.astype(np.float64) - 1) * self.step[:, None]
+        return lp, self.codes > 0
+
+    def rows(self, sel: slice) -> "LogProbCodes":
+        ids = None if self.ids is None else self.ids[sel]
+        return LogProbCodes(ids, self.codes[sel], self.low[sel], self.step[sel], self.rest[sel])
 
 
 def perplexity(model, tokens, n_ctx: int, n_batch: int = 2048, n_chunks: int = -1, on_chunk=None,
-               top_k: int | None = None) -> tuple:
+               save_base: bool = False, top_k: int | None = None) -> tuple:
     """llama-perplexity's perplexity() over tokens (see the module docstring).
 
-    on_chunk(i, running_ppl, eval_seconds) is called after each chunk (i from 1). top_k: also gather what a
-    KL-divergence base file needs (the base's top_k log-probs per scored token).
+    on_chunk(i, running_ppl, eval_seconds) is called after each chunk (i from 1). save_base: also
+    gather a KL-divergence base (every log-prob, or the top_k of each scored token).
     Returns (PerplexityResult, KLBase or None).
     """
     tokens = np.asarray(tokens, dtype=np.int32)
@@ -217,30 +237,32 @@ def perplexity(model, tokens, n_ctx: int, n_batch: int = 2048, n_chunks: int = -
     if n_chunk < 1:
         raise PyllmError(f"--chunks must be -1 (all) or 1 or more, got {n_chunks}")
     first = n_ctx // 2
-    base = _BaseRows(top_k) if top_k is not None else None
-    nll, chunk_ppl, seconds = [], [], 0.0
+    per = n_ctx - 1 - first
+    nll, chunk_ppl, seconds, coded = [], [], 0.0, []
     for i in range(n_chunk):
         chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
         t0 = time.perf_counter()
         logits = chunk_logits(model, chunk, n_batch)  # (n_ctx - 1 - first, vocab)
         seconds += time.perf_counter() - t0
         lp = log_softmax(logits)
-        targets = chunk[first + 1:]
-        nll.append(-lp[np.arange(len(targets)), targets])
-        if base is not None:
-            base.add(lp, targets)
-        all_nll = np.concatenate(nll)
-        chunk_ppl.append(float(np.exp(all_nll.mean())))
+        nll.append(-lp[np.arange(per), chunk[first + 1:]])
+        if save_base:
+            coded.append((LogProbCodes.encode(lp, top_k), lp.argmax(axis=1).astype(np.int32)))
+        chunk_ppl.append(float(np.exp(np.concatenate(nll).mean())))
         if on_chunk is not None:
             on_chunk(i + 1, chunk_ppl[-1], seconds)
     result = PerplexityResult(n_ctx, n_chunk, np.concatenate(nll), chunk_ppl, seconds, n_chunk * n_ctx)
     kl_base = None
-    if base is not None:
+    if save_base:
+        def cat(name):
+            parts = [getattr(c, name) for c, _ in coded]
+            return None if parts[0] is None else np.concatenate(parts)
+
         kl_base = KLBase(
             n_ctx=n_ctx, n_vocab=model.args.vocab_size, vocab_hash=vocab_hash(model.tokenizer),
-            tokens=tokens[:n_chunk * n_ctx].copy(), top_k=min(top_k, model.args.vocab_size),
-            top_ids=np.concatenate(base.top_ids), top_logp=np.concatenate(base.top_logp),
-            rest_logp=np.concatenate(base.rest_logp), tok_logp=np.concatenate(base.tok_logp),
+            tokens=tokens[:n_chunk * n_ctx].copy(),
+            logp=LogProbCodes(cat("ids"), cat("codes"), cat("low"), cat("step"), cat("rest")),
+            tok_logp=(-result.nll).astype(np.float32), top1=np.concatenate([t for _, t in coded]),
             model=os.path.basename(str(model.gguf.path)),
         )
     return result, kl_base
@@ -265,11 +287,9 @@ class KLBase:
     n_vocab: int
     vocab_hash: str
     tokens: np.ndarray  # (n_chunks * n_ctx,) int32, as tokenized (before any BOS replacement)
-    top_k: int
-    top_ids: np.ndarray  # (rows, top_k) int32, largest log-prob first
-    top_logp: np.ndarray  # (rows, top_k) float32
-    rest_logp: np.ndarray  # (rows,) float32: log of the mass outside top_ids (-inf: none)
+    logp: LogProbCodes  # rows: the scored tokens, chunk after chunk
     tok_logp: np.ndarray  # (rows,) float32: log-prob of the actual next token
+    top1: np.ndarray  # (rows,) int32: the most likely id (the first on ties)
     model: str = ""  # the base model's file name, for the record
 
     @property
@@ -280,22 +300,29 @@ class KLBase:
     def rows_per_chunk(self) -> int:
         return self.n_ctx - 1 - self.n_ctx // 2
 
+    @property
+    def top_k(self) -> int:
+        """Log-probs coded per token (n_vocab: all of them)."""
+        return self.logp.codes.shape[1]
+
     def save(self, path) -> None:
         """Write to path atomically (a temporary file in the same folder, then a rename)."""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
+        lp = self.logp
+        arrays = dict(
+            format=np.array(BASE_FORMAT), n_ctx=np.int64(self.n_ctx), n_vocab=np.int64(self.n_vocab),
+            vocab_hash=np.array(self.vocab_hash), tokens=self.tokens, tok_logp=self.tok_logp, top1=self.top1,
+            logp_ids=np.zeros((0, 0), np.int32) if lp.ids is None else lp.ids, logp_codes=lp.codes,
+            logp_low=lp.low, logp_step=lp.step, logp_rest=lp.rest, model=np.array(self.model),
+        )
         try:
             fd, tmp = tempfile.mkstemp(prefix=".kld-", suffix=".tmp", dir=folder)
         except OSError as e:
             raise PyllmError(f"cannot write {path}: {e.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f, format=np.array(BASE_FORMAT), n_ctx=np.int64(self.n_ctx), n_vocab=np.int64(self.n_vocab),
-                    vocab_hash=np.array(self.vocab_hash), tokens=self.tokens, top_k=np.int64(self.top_k),
-                    top_ids=self.top_ids, top_logp=self.top_logp, rest_logp=self.rest_logp,
-                    tok_logp=self.tok_logp, model=np.array(self.model),
-                )
+                np.savez(f, **arrays)
             os.replace(tmp, path)
         except OSError as e:
             os.unlink(tmp)
@@ -311,20 +338,22 @@ class KLBase:
                 fmt = str(z["format"])
                 if fmt != BASE_FORMAT:
                     raise PyllmError(f"{path}: a KL-divergence base of format {fmt!r}, not {BASE_FORMAT!r}")
+                ids = z["logp_ids"]
+                logp = LogProbCodes(None if ids.size == 0 else ids, z["logp_codes"], z["logp_low"], z["logp_step"],
+                                    z["logp_rest"])
                 base = cls(
                     n_ctx=int(z["n_ctx"]), n_vocab=int(z["n_vocab"]), vocab_hash=str(z["vocab_hash"]),
-                    tokens=z["tokens"], top_k=int(z["top_k"]), top_ids=z["top_ids"], top_logp=z["top_logp"],
-                    rest_logp=z["rest_logp"], tok_logp=z["tok_logp"], model=str(z["model"]),
+                    tokens=z["tokens"], logp=logp, tok_logp=z["tok_logp"], top1=z["top1"], model=str(z["model"]),
                 )
         except OSError as e:
             raise PyllmError(f"cannot read KL-divergence base {path}: {e.strerror or e}") from None
         except (KeyError, ValueError, zipfile.BadZipFile, EOFError):
             raise PyllmError(f"{path} is not a KL-divergence base (pyllm perplexity --kl-divergence-base)") from None
-        rows = base.n_chunks * base.rows_per_chunk
+        rows, k, lp = base.n_chunks * base.rows_per_chunk, base.top_k, base.logp
         shapes_ok = (
-            base.n_ctx >= 3 and len(base.tokens) % base.n_ctx == 0 and base.top_ids.shape == (rows, base.top_k)
-            and base.top_logp.shape == (rows, base.top_k) and base.rest_logp.shape == (rows,)
-            and base.tok_logp.shape == (rows,)
+            base.n_ctx >= 3 and len(base.tokens) % base.n_ctx == 0 and lp.codes.shape == (rows, k)
+            and (lp.ids.shape == (rows, k) if lp.ids is not None else k == base.n_vocab)
+            and all(a.shape == (rows,) for a in (lp.low, lp.step, lp.rest, base.tok_logp, base.top1))
         )
         if not shapes_ok:
             raise PyllmError(f"{path}: corrupt KL-divergence base (its arrays do not fit n_ctx {base.n_ctx})")
@@ -401,21 +430,26 @@ P_DIFF_PERCENTILES = (100, 99.9, 99, 95, 90, 75, 50, 25, 10, 5, 1, 0.1, 0)
 
 
 def kl_row_stats(lp: np.ndarray, base: KLBase, rows: slice, targets: np.ndarray) -> tuple:
-    """(nll, nll_base, kld, p_diff, same_top) of these rows of the base against lp (float64)."""
-    ids = base.top_ids[rows].astype(np.int64)
-    top_p_log = base.top_logp[rows].astype(np.float64)
-    rest = base.rest_logp[rows].astype(np.float64)
+    """(nll, nll_base, kld, p_diff, same_top) of these rows of the base against lp (float64).
+
+    KLD = sum over the coded entries of p_base (log p_base - log q), plus the same term for the
+    bucket of the rest (its mass under each model), as kl_divergence()'s log_softmax sums it.
+    """
+    part = base.logp.rows(rows)
+    lp_base, coded = part.decode()  # (rows, k)
+    lq = lp if part.ids is None else np.take_along_axis(lp, part.ids.astype(np.int64), axis=1)
+    kld = np.where(coded, np.exp(lp_base) * (lp_base - lq), 0.0).sum(axis=1)
+    rest = part.rest.astype(np.float64)
+    has_rest = np.isfinite(rest)
+    if has_rest.any():
+        lq_rest = bucket_logsumexp(lp, part.ids, coded)
+        with np.errstate(invalid="ignore"):  # rows without a bucket: 0 * -inf, discarded
+            kld += np.where(has_rest, np.exp(rest) * (rest - lq_rest), 0.0)
     r = np.arange(len(targets))
     nll = -lp[r, targets]
     nll_base = -base.tok_logp[rows].astype(np.float64)
-    lq_top = np.take_along_axis(lp, ids, axis=1)
-    kld = (np.exp(top_p_log) * (top_p_log - lq_top)).sum(axis=1)
-    has_rest = np.isfinite(rest)
-    if has_rest.any():
-        lq_rest = rest_logp(lp[has_rest], ids[has_rest])
-        kld[has_rest] += np.exp(rest[has_rest]) * (rest[has_rest] - lq_rest)
     p_diff = np.exp(-nll) - np.exp(-nll_base)
-    same_top = lp.argmax(axis=1) == ids[:, 0]
+    same_top = lp.argmax(axis=1) == base.top1[rows]
     return nll, nll_base, kld, p_diff, same_top
 
 

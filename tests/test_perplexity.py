@@ -142,52 +142,77 @@ def full_kl_reference(base_model, model, tokens, n_ctx, n_chunk) -> dict:
             dict(kld=kld, same=same, nll=nll, nll_base=nll_base, p_diff=p_diff).items()}
 
 
+def test_base_codes_log_probs_to_a_sixteen_bit_step(stories, text_file):
+    """Every log-prob within 16 nats of the row's top is kept to half a step of 16 / 65534;
+    the rest is one bucket whose log-mass is exact."""
+    lp, _ = reference_logprobs(stories, reference_tokens(stories, text_file), N_CTX, 0)
+    lp[0, :100] = lp[0].max() - 20 - np.arange(100)  # some entries far below the range
+    for top_k in (None, 40):
+        codes = P.LogProbCodes.encode(lp, top_k)
+        values, coded = codes.decode()
+        ids = np.tile(np.arange(lp.shape[1]), (len(lp), 1)) if top_k is None else codes.ids
+        exact = np.take_along_axis(lp, ids.astype(np.int64), axis=1)
+        if top_k is not None:  # the k largest of each row, largest first
+            assert np.all(np.sort(lp, axis=1)[:, ::-1][:, :top_k] == exact)
+        high = lp.max(axis=1, keepdims=True)
+        assert np.array_equal(coded, exact >= codes.low[:, None]) and np.all(codes.low >= high[:, 0] - 16 - 1e-5)
+        assert np.all(np.abs(values - exact)[coded] <= 16 / 65534 / 2 + 1e-5)
+        uncoded = np.ones(lp.shape, bool)
+        np.put_along_axis(uncoded, ids.astype(np.int64), ~coded, axis=1)
+        with np.errstate(divide="ignore"):
+            rest = np.log(np.where(uncoded, np.exp(lp), 0).sum(axis=1))
+        np.testing.assert_allclose(codes.rest, rest, rtol=1e-6)
+        if top_k is None:  # the entries far below are in the bucket, not coded
+            assert not coded[0, :100].any() and np.isfinite(codes.rest[0])
+
+
 def test_kl_divergence_equals_full_vocabulary_numpy(stories, stories_q4_0, text_file, tmp_path):
     tokens = reference_tokens(stories, text_file)
-    vocab = stories.args.vocab_size
-    _, base = P.perplexity(stories, tokens, N_CTX, n_chunks=3, top_k=vocab)  # exact: every log-prob kept
+    _, base = P.perplexity(stories, tokens, N_CTX, n_chunks=3, save_base=True)  # every log-prob kept
     base.save(tmp_path / "base.kld")
     base = P.KLBase.load(tmp_path / "base.kld")
     base.check_compatible(stories_q4_0, N_CTX, tokens)
     res = P.kl_divergence(stories_q4_0, base)
     ref = full_kl_reference(stories, stories_q4_0, tokens, N_CTX, 3)
-    np.testing.assert_allclose(res.kld, ref["kld"], rtol=1e-4, atol=1e-7)  # base stored as float32
+    # the base's log-probs are kept to 16 / 65534 / 2 = 1.2e-4: each row's KLD to about that
+    np.testing.assert_allclose(res.kld, ref["kld"], rtol=0, atol=2e-4)
     np.testing.assert_array_equal(res.same_top, ref["same"])
     np.testing.assert_allclose(res.nll, ref["nll"], rtol=1e-9)
     np.testing.assert_allclose(res.nll_base, ref["nll_base"], rtol=1e-6)
     np.testing.assert_allclose(res.p_diff, ref["p_diff"], atol=1e-6)
     s = res.stats()
     n = len(ref["kld"])
-    assert s["kld"][0] == pytest.approx(ref["kld"].mean(), rel=1e-4)
-    assert s["kld"][1] == pytest.approx(ref["kld"].std(ddof=1) / np.sqrt(n), rel=1e-3)
+    assert s["kld"][0] == pytest.approx(ref["kld"].mean(), rel=5e-4)
+    assert s["kld"][1] == pytest.approx(ref["kld"].std(ddof=1) / np.sqrt(n), rel=5e-3)
     assert s["same_top"][0] == pytest.approx(ref["same"].mean())
     assert s["ppl"][0] == pytest.approx(np.exp(ref["nll"].mean()), rel=1e-9)
     assert s["ppl_base"][0] == pytest.approx(np.exp(ref["nll_base"].mean()), rel=1e-6)
     assert s["diff"][0] == pytest.approx(np.exp(ref["nll"].mean()) - np.exp(ref["nll_base"].mean()), rel=1e-5)
     assert s["p_diff_rms"][0] == pytest.approx(np.sqrt((ref["p_diff"] ** 2).mean()), rel=1e-5)
-    assert s["kld_percentiles"][99] == pytest.approx(np.percentile(ref["kld"], 99), rel=1e-3)
-    assert 0 < s["kld"][0] and 0.5 < s["same_top"][0] < 1  # two really different models
+    assert s["kld_percentiles"][99] == pytest.approx(np.percentile(ref["kld"], 99), rel=5e-3)
+    assert 0.01 < s["kld"][0] and 0.5 < s["same_top"][0] < 1  # two really different models
 
 
 def test_top_k_base_is_the_bucketed_kl_divergence(stories, stories_q4_0, text_file):
     """With the base's top 32 kept, the KLD is that of the two distributions coarsened to those 32
-    tokens plus one bucket for the rest: never above the full KLD."""
+    tokens plus one bucket for the rest: below the full KLD."""
     tokens = reference_tokens(stories, text_file)
-    _, base = P.perplexity(stories, tokens, N_CTX, n_chunks=2, top_k=32)
+    _, base = P.perplexity(stories, tokens, N_CTX, n_chunks=2, save_base=True, top_k=32)
     res = P.kl_divergence(stories_q4_0, base)
     full = full_kl_reference(stories, stories_q4_0, tokens, N_CTX, 2)
     bucketed = []
     for c in range(2):
         lp_b, _ = reference_logprobs(stories, tokens, N_CTX, c)
         lp_q, _ = reference_logprobs(stories_q4_0, tokens, N_CTX, c)
-        for pb, pq in zip(np.exp(lp_b), np.exp(lp_q)):
+        for pb, pq, lb in zip(np.exp(lp_b), np.exp(lp_q), lp_b):
             top = np.argsort(-pb, kind="stable")[:32]
+            top = top[lb[top] >= lb.max() - 16]  # what a base codes
             rest = np.setdiff1d(np.arange(len(pb)), top)
             b = np.append(pb[top], pb[rest].sum())
             q = np.append(pq[top], pq[rest].sum())
             bucketed.append((b * np.log(b / q)).sum())
-    np.testing.assert_allclose(res.kld, bucketed, rtol=1e-3, atol=1e-7)
-    assert np.all(res.kld <= full["kld"] + 1e-6)
+    np.testing.assert_allclose(res.kld, bucketed, rtol=0, atol=2e-4)
+    assert res.kld.mean() < full["kld"].mean()
     np.testing.assert_array_equal(res.same_top, full["same"])
 
 
@@ -275,11 +300,21 @@ def test_usage_errors(stories260k, text_file, capsys):
 
 # -- against llama-perplexity itself --------------------------------------------------------
 
-def llama_perplexity(*args) -> str:
-    proc = subprocess.run([str(Path(BIN) / "llama-perplexity"), *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout + proc.stderr
+def llama_perplexity(*args, done=lambda out: True) -> str:
+    """llama-perplexity's stdout + stderr. Its logger writes from a thread that exit does not
+    always wait for, so the last lines can be missing: run again (up to 3 times) until done(out)."""
+    for _ in range(3):
+        proc = subprocess.run([str(Path(BIN) / "llama-perplexity"), *map(str, args)], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = proc.stdout + proc.stderr
+        if done(out):
+            return out
+    raise AssertionError(f"llama-perplexity's output stayed incomplete:\n{out[-2000:]}")
+
+
+def complete(n_chunks: int):
+    return lambda out: len(running_values(out)) == n_chunks and "Final estimate" in out
 
 
 def running_values(out: str) -> list:
@@ -304,7 +339,8 @@ def ours(capsys, *args) -> str:
 ])
 def test_stories260k_equals_llama_perplexity(stories260k, text, n_ctx, chunks, capsys):
     path = shared_file(text)
-    theirs = llama_perplexity("-m", stories260k, "-f", path, "-c", n_ctx, "--chunks", chunks, "-t", 2)
+    theirs = llama_perplexity("-m", stories260k, "-f", path, "-c", n_ctx, "--chunks", chunks, "-t", 2,
+                              done=complete(chunks))
     mine = ours(capsys, stories260k, "-f", path, "-c", n_ctx, "--chunks", chunks, "-t", 2)
     np.testing.assert_allclose(running_values(mine), running_values(theirs), rtol=5e-3)
     np.testing.assert_allclose(final_estimate(mine), final_estimate(theirs), rtol=5e-3)
@@ -318,7 +354,7 @@ def test_smollm2_equals_llama_perplexity(smollm2, tmp_path, capsys):
     f16 = tmp_path / "smollm2-f16.gguf"
     assert pyllm_main(["quantize", "--allow-requantize", str(smollm2), str(f16), "F16"]) == 0
     path = shared_file("text/wikitext-2-raw-wiki.test.raw")
-    theirs = llama_perplexity("-m", f16, "-f", path, "-c", 128, "--chunks", 3, "-t", 2)
+    theirs = llama_perplexity("-m", f16, "-f", path, "-c", 128, "--chunks", 3, "-t", 2, done=complete(3))
     mine = ours(capsys, f16, "-f", path, "-c", 128, "--chunks", 3, "-t", 2)
     np.testing.assert_allclose(running_values(mine), running_values(theirs), rtol=5e-3)
     np.testing.assert_allclose(final_estimate(mine), final_estimate(theirs), rtol=5e-3)
@@ -330,8 +366,8 @@ def test_kl_divergence_equals_llama_perplexity(stories260k, stories_q4_0, tmp_pa
     common = ["-f", text, "-c", 128, "--chunks", 4, "-t", 2]
     llama_perplexity("-m", stories260k, *common, "--kl-divergence-base", tmp_path / "theirs.kld")
     theirs = llama_perplexity("-m", stories_q4_0.gguf.path, "--kl-divergence-base", tmp_path / "theirs.kld",
-                              "--kl-divergence", "-t", 2)
-    ours(capsys, stories260k, *common, "--kl-divergence-base", tmp_path / "ours.kld", "--kl-divergence-top-k", 0)
+                              "--kl-divergence", "-t", 2, done=lambda out: "Same top p:" in out)
+    ours(capsys, stories260k, *common, "--kl-divergence-base", tmp_path / "ours.kld")
     mine = ours(capsys, stories_q4_0.gguf.path, "--kl-divergence-base", tmp_path / "ours.kld", "--kl-divergence")
 
     def value(out, label):

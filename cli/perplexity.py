@@ -174,9 +174,9 @@ def run_kl_divergence(model, base, args):
 
 def summary_lines(s: dict) -> list:
     """kl_divergence()'s closing statistics, in its words."""
-    def pm(key, scale=1.0, fmt="10.6f"):
+    def pm(key, scale=1.0, fmt="10.6f", fmt_u=None):
         v, u = s[key]
-        return f"{scale * v:{fmt}} ± {scale * u:{fmt}}"
+        return f"{scale * v:{fmt}} ± {scale * u:{fmt_u or fmt}}"
 
     out = ["====== Perplexity statistics ======",
            f"Mean PPL(Q)                   : {pm('ppl')}",
@@ -191,8 +191,9 @@ def summary_lines(s: dict) -> list:
     names = {100: "Maximum", 50: "Median ", 0: "Minimum"}
     for q, v in s["kld_percentiles"].items():
         out.append(f"{names.get(q, f'{q:4.1f}%  ')} KLD: {v:10.6f}")
-    out += ["", "====== Token probability statistics ======", f"Mean    Δp: {pm('p_diff', 100, '6.3f')} %"]
+    out += ["", "====== Token probability statistics ======", f"Mean    Δp: {pm('p_diff', 100, '6.3f', '5.3f')} %"]
     for q, v in s["p_diff_percentiles"].items():
         out.append(f"{names.get(q, f'{q:4.1f}%  ')} Δp: {100 * v:6.3f}%")
-    out += [f"RMS Δp    : {pm('p_diff_rms', 100, '6.3f')} %", f"Same top p: {pm('same_top', 100, '6.3f')} %"]
+    out += [f"RMS Δp    : {pm('p_diff_rms', 100, '6.3f', '5.3f')} %",
+            f"Same top p: {pm('same_top', 100, '6.3f', '5.3f')} %"]
     return out

@@ -323,6 +323,9 @@ class KLBase:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the finished file is not
             os.replace(tmp, path)
         except OSError as e:
             os.unlink(tmp)

@@ -17,10 +17,12 @@ COMMANDS = {
     "convert": "Hugging Face / llama2.c checkpoint -> GGUF",
     "quantize": "re-encode a GGUF file with another block type (Q4_K_M, Q8_0, ...)",
     "pull": "download a known model into the cache",
+    "bench": "measure prompt and decode speed, as llama-bench does",
+    "perplexity": "perplexity (and KL divergence against a base model) on a text, as llama-perplexity does",
 }
 
 USAGE = "usage: pyllm <command> [options]   (pyllm <command> -h for its options)\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {text}" for name, text in COMMANDS.items()
+    f"  {name:<11} {text}" for name, text in COMMANDS.items()
 )
 
 

@@ -389,9 +389,11 @@ class Model:
         ops.rmsnorm(x, self.output_norm, eps, out)
         return linear(self.output, out)  # (n or 1, vocab)
 
-    def eval(self, ids) -> np.ndarray:
-        """Append ids to the cache; return the logits after the last one: (vocab,)."""
-        return self._forward(ids, all_logits=False)[0]
+    def eval(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Append ids to the cache; return the logits after the last one: (vocab,), or with
+        all_logits the logits after each of them: (len(ids), vocab)."""
+        logits = self._forward(ids, all_logits)
+        return logits if all_logits else logits[0]
 
     def warmup(self):
         """Compile (or load from Numba's cache) the batch and the one-token kernels now,

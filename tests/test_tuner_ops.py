@@ -317,3 +317,19 @@ def test_lora_with_zero_b_is_the_base_model(stories260k):
     z = expected - expected.max(-1, keepdims=True)
     ref = -(z[np.arange(len(ids) - 1), ids[1:]] - np.log(np.exp(z).sum(-1))).sum()
     assert abs(m.loss(batch) - ref) < 1e-3 * len(ids)
+
+
+def test_float32_stays_float32():
+    # NumPy 2 promotes float32 by numpy float64 scalars: every op must keep the compute dtype
+    f = np.float32
+    x, w = rng.standard_normal((2, 3, 4, 8)).astype(f), rng.standard_normal(8).astype(f)
+    kv = rng.standard_normal((2, 3, 2, 8)).astype(f)
+    cos, sin = np.ones((3, 4), f), np.zeros((3, 4), f)
+    y, rstd = ops.rmsnorm(x, w, 1e-5)
+    out, p = ops.attention(x, kv, kv)
+    dq, dk, dv = ops.attention_backward(out, x, kv, kv, p)
+    a, b = rng.standard_normal((2, 8)).astype(f), rng.standard_normal((5, 2)).astype(f)
+    z, xa = ops.lora(x[0, 0], a, b, 2.0)
+    arrays = [y, ops.rmsnorm_backward(y, x, w, rstd), ops.rope(x, cos, sin, False), out, p, dq, dk, dv, z,
+              *ops.lora_backward(z, x[0, 0], a, b, 2.0, xa), *ops.swiglu_backward(x, x, x), ops.swiglu(x, x)]
+    assert all(t.dtype == f for t in arrays)

@@ -9,6 +9,8 @@ Shapes: B sequences of L positions; D = hidden size; H query heads and KV key/va
 of hd dims (GQA: query head h reads kv head h // (H / KV), as the runtime does).
 """
 
+import math
+
 import numpy as np
 from numba import njit
 from pyllm.kernels.grad import round_bf16
@@ -88,7 +90,7 @@ def attention(q, k, v, mm=np.matmul):
     qg = q.reshape(B, L, KV, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KV, G, L, hd)
     kt = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, KV, 1, L, hd)
     vt = v.transpose(0, 2, 1, 3)[:, :, None]  # (B, KV, 1, L, hd)
-    s = mm(qg, kt.swapaxes(-1, -2)) * (1.0 / np.sqrt(hd))  # (B, KV, G, L, L)
+    s = mm(qg, kt.swapaxes(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, KV, G, L, L)
     s += np.triu(np.full((L, L), -np.inf, dtype=s.dtype), 1)  # a query sees keys 0..itself
     s -= s.max(axis=-1, keepdims=True)
     p = np.exp(s, out=s)
@@ -102,7 +104,7 @@ def attention_backward(dout, q, k, v, p, mm=np.matmul):
     B, L, H, hd = q.shape
     KV = k.shape[2]
     G = H // KV
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)  # a Python float: keeps float32 float32 (NEP 50)
     do = dout.reshape(B, L, KV, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KV, G, L, hd)
     qg = q.reshape(B, L, KV, G, hd).transpose(0, 2, 3, 1, 4)
     kt = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, KV, 1, L, hd)

@@ -10,13 +10,14 @@ kernels load on first use, not at import.
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "load_tokenizer", "generate", "stream_generate", "PyllmError", "__version__"]
+__all__ = ["load", "load_tokenizer", "generate", "stream_generate", "finetune", "PyllmError", "__version__"]
 
 _LAZY = {
     "load": "pyllm.runtime.loader",
     "load_tokenizer": "pyllm.runtime.loader",
     "generate": "pyllm.runtime.generate",
     "stream_generate": "pyllm.runtime.generate",
+    "finetune": "pyllm.tuner.trainer",
     "PyllmError": "pyllm.base",
 }
 

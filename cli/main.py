@@ -17,6 +17,8 @@ COMMANDS = {
     "convert": "Hugging Face / llama2.c checkpoint -> GGUF",
     "quantize": "re-encode a GGUF file with another block type (Q4_K_M, Q8_0, ...)",
     "pull": "download a known model into the cache",
+    "finetune": "train a LoRA adapter (QLoRA on quantized models) on jsonl data",
+    "export": "merge a LoRA adapter into a model (--fuse) or write it for PEFT (--peft)",
 }
 
 USAGE = "usage: pyllm <command> [options]   (pyllm <command> -h for its options)\n\ncommands:\n" + "\n".join(

@@ -71,16 +71,22 @@ def round_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 @njit(cache=True)
-def _decode_rows(data, qtype, cols, f16, r0, out, bf16):
-    # data: (rows, row_bytes) uint8; out: (n, cols) float32 or float64 gets rows r0..r0+n
-    n = out.shape[0]
-    for i in range(n):
-        buf = np.empty(cols, dtype=np.float32)
-        dequantize_row(data[r0 + i], qtype, cols, f16, buf)
+def _decode_rows_f32(data, qtype, cols, f16, r0, out, bf16):
+    # data: (rows, row_bytes) uint8; out: (n, cols) float32 gets rows r0..r0+n
+    for i in range(out.shape[0]):
+        dequantize_row(data[r0 + i], qtype, cols, f16, out[i])
         if bf16:
-            bits = buf.view(np.uint32)
+            bits = out[i].view(np.uint32)
             for j in range(cols):
                 bits[j] = _bf16_bits(bits[j])
+
+
+@njit(cache=True)
+def _decode_rows_f64(data, qtype, cols, f16, r0, out):
+    # the same into float64 (the gradient checks): decoded as float32, then widened
+    buf = np.empty(cols, dtype=np.float32)
+    for i in range(out.shape[0]):
+        dequantize_row(data[r0 + i], qtype, cols, f16, buf)
         for j in range(cols):
             out[i, j] = buf[j]
 
@@ -98,7 +104,10 @@ def tile_rows(cols: int) -> int:
 def decode_rows(w: QTensor, r0: int, r1: int, out: np.ndarray, bf16: bool = False) -> np.ndarray:
     """Rows r0..r1 of w decoded into out[: r1 - r0] (float32 or float64)."""
     _check(w)
-    _decode_rows(w.data, int(w.qtype), w.cols, F16_TABLE, r0, out[: r1 - r0], bf16)
+    if out.dtype == np.float32:
+        _decode_rows_f32(w.data, int(w.qtype), w.cols, F16_TABLE, r0, out[: r1 - r0], bf16)
+    else:
+        _decode_rows_f64(w.data, int(w.qtype), w.cols, F16_TABLE, r0, out[: r1 - r0])
     return out[: r1 - r0]
 
 

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: bfloat16 products, float32 master weights")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward (less memory)")
     g.add_argument("--seed", type=int, default=C.seed, help="seed of the initialisation, data order and dropout")
-    g.add_argument("-t", "--threads", type=int, default=None, help="threads (per process; default all cores)")
+    g.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads per process (default: the cores, shared by the MPI ranks of a machine)")
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--save-every", type=int, default=C.save_every, help="checkpoint every N steps (0: at the end)")
     g.add_argument("--resume", metavar="CKPT", help="continue from OUT.ckpt.npz")

@@ -52,6 +52,15 @@ def launched_size() -> int:
     return 1
 
 
+def local_size() -> int:
+    """Ranks on this machine (Hydra's MPI_LOCALNRANKS, Open MPI's local size), 1 if unknown."""
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCAL_NRANKS"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
 def world():
     """The communicator this process belongs to: Single unless launched with 2+ MPI ranks."""
     size = launched_size()

@@ -336,7 +336,7 @@ class Trainer:
         return float(total[0] / total[1])
 
     def run(self) -> FinetuneResult:
-        from pyllm.kernels import set_threads
+        from pyllm.kernels import max_threads, set_threads
         from pyllm.tuner import dist
         from pyllm.tuner.adapter import save_adapter
         from pyllm.tuner.optim import AdamW, clip_grad_norm, lr_at
@@ -345,7 +345,8 @@ class Trainer:
         cfg = self.cfg
         comm = dist.world()
         main = comm.rank == 0
-        threads = set_threads(cfg.threads)
+        # default threads: the cores shared by the ranks on this machine (no oversubscription)
+        threads = set_threads(cfg.threads or (max(1, max_threads() // dist.local_size()) if comm.size > 1 else None))
         with threadpool_limits(limits=threads, user_api="blas"):
             self._load()
             ckpt_path, log_path = run_paths(cfg.output)

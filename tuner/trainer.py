@@ -335,11 +335,38 @@ class Trainer:
         comm.allreduce_sum(total)
         return float(total[0] / total[1])
 
+    def _train_step(self, step: int, comm, adam, stop_requested: bool) -> tuple:
+        """One optimizer step; returns its log record and whether any rank asked to stop."""
+        from pyllm.tuner.optim import clip_grad_norm, lr_at
+
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.iters, cfg.lr, cfg.lr_schedule, cfg.warmup)
+        model.grads.flat[...] = 0.0
+        sums = np.zeros(4)  # summed loss, loss tokens, input tokens, stop requests
+        for m in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + m) * cfg.batch_size
+            batch = self.stream.micro_batch(first, cfg.batch_size, comm.rank, comm.size)
+            if batch is not None:  # this rank's share of the micro-batch
+                sums[0] += model.forward_backward(batch, step_key=step)
+                sums[1] += batch.n_tokens
+                sums[2] += batch.n_inputs
+        sums[3] = float(stop_requested)
+        comm.allreduce_sum(model.grads.flat)
+        comm.allreduce_sum(sums)
+        model.grads.flat *= np.float32(1.0 / sums[1])  # the mean over the global batch's loss tokens
+        norm = clip_grad_norm(model.grads.flat, cfg.grad_clip)
+        adam.step(model.weights.flat, model.grads.flat, lr)
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": sums[0] / sums[1], "lr": lr, "grad_norm": norm, "tokens": int(sums[2]),
+               "tokens_per_s": sums[2] / dt}
+        return rec, sums[3] > 0
+
     def run(self) -> FinetuneResult:
         from pyllm.kernels import max_threads, set_threads
         from pyllm.tuner import dist
         from pyllm.tuner.adapter import save_adapter
-        from pyllm.tuner.optim import AdamW, clip_grad_norm, lr_at
+        from pyllm.tuner.optim import AdamW
         from threadpoolctl import threadpool_limits
 
         cfg = self.cfg
@@ -351,7 +378,7 @@ class Trainer:
             self._load()
             ckpt_path, log_path = run_paths(cfg.output)
             result = FinetuneResult(Path(cfg.output), ckpt_path, log_path, 0)
-            model, weights, grads = self.model, self.model.weights, self.model.grads
+            weights = self.model.weights
             adam = AdamW(weights.flat.size, weight_decay=cfg.weight_decay)
             reporter = Reporter(cfg.iters, 0, cfg.quiet or not main, cfg.log_every)
             start = self._restore(adam, reporter) if self.ckpt else 0
@@ -387,29 +414,10 @@ class Trainer:
             step = start
             with _StopFlag(reporter) as stop:
                 while step < cfg.iters:
-                    t0 = time.perf_counter()
-                    lr = lr_at(step, cfg.iters, cfg.lr, cfg.lr_schedule, cfg.warmup)
-                    grads.flat[...] = 0.0
-                    sums = np.zeros(4)  # summed loss, loss tokens, input tokens, stop requests
-                    for m in range(cfg.grad_accum):
-                        first = (step * cfg.grad_accum + m) * cfg.batch_size
-                        batch = self.stream.micro_batch(first, cfg.batch_size, comm.rank, comm.size)
-                        if batch is not None:
-                            sums[0] += model.forward_backward(batch, step_key=step)
-                            sums[1] += batch.n_tokens
-                            sums[2] += batch.n_inputs
-                    sums[3] = float(stop.set)
-                    comm.allreduce_sum(grads.flat)
-                    comm.allreduce_sum(sums)
-                    grads.flat *= np.float32(1.0 / sums[1])
-                    norm = clip_grad_norm(grads.flat, cfg.grad_clip)
-                    adam.step(weights.flat, grads.flat, lr)
+                    rec, stopping = self._train_step(step, comm, adam, stop.set)
                     step += 1
-                    dt = time.perf_counter() - t0
-                    tokens_run += int(sums[2])
-                    rec = {"step": step, "loss": sums[0] / sums[1], "lr": lr, "grad_norm": norm,
-                           "tokens": int(sums[2]), "tokens_per_s": sums[2] / dt,
-                           "elapsed_s": time.perf_counter() - t_run}
+                    tokens_run += rec["tokens"]
+                    rec["elapsed_s"] = time.perf_counter() - t_run
                     result.train_loss.append((step, rec["loss"]))
                     if self.val and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.iters):
                         rec["val_loss"] = self._val_loss(comm)
@@ -418,7 +426,7 @@ class Trainer:
                     log(rec)
                     elapsed = time.perf_counter() - t_run
                     reporter.step(rec, elapsed / (step - start) * (cfg.iters - step))
-                    if sums[3] > 0 and step < cfg.iters:
+                    if stopping and step < cfg.iters:
                         save(step)
                         reporter.note(f"interrupted at step {step}: checkpoint {ckpt_path}, adapter {cfg.output} "
                                       f"(continue with --resume {ckpt_path})")

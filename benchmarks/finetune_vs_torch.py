@@ -16,7 +16,9 @@ tinyshakespeare tokenized by the model's tokenizer:
 
 Before timing, the first step doubles as a correctness check: both start from the same A
 (B = 0), so the first loss and d loss / dB must agree (printed). A step's time is the
-median over --steps steps after one warm-up step; tokens/s = batch * seq / step time.
+median over --steps steps after one warm-up step; tokens/s = batch * seq / step time. CPU
+time per step (all threads) is printed too: on a shared machine, with -t 1, it is the
+steadier measure of the work done.
 """
 
 import argparse
@@ -59,23 +61,25 @@ def run_pyllm(args, windows, work: Path) -> dict:
     m.weights.init(np.random.default_rng(0))
     np.savez(work / "lora_a.npz", **{n: m.weights.a[n] for n in m.weights.names})
     adam = AdamW(m.weights.flat.size)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     with threadpool_limits(threads, "blas"):
         for step in range(args.steps + 1):
             ids = windows[step % len(windows)]
             batch = Batch(ids[:, :-1].copy(), ids[:, 1:].copy(), np.ones(ids[:, 1:].shape, bool),
-                          tuple(range(len(ids))), ids[:, :-1].size)
-            t0 = time.perf_counter()
+                          tuple(range(len(ids))), (args.seq,) * len(ids))
+            t0, c0 = time.perf_counter(), time.process_time()
             m.grads.flat[...] = 0
-            loss = m.forward_backward(batch, step_key=step)
+            loss = m.forward_backward_threads(batch, step, threads) if args.batch_threads else \
+                m.forward_backward(batch, step_key=step)
             m.grads.flat *= np.float32(1.0 / batch.n_tokens)
             if step == 0:
                 np.savez(work / "pyllm_grad_b.npz", **{n: m.grads.b[n] for n in m.weights.names})
             clip_grad_norm(m.grads.flat, 1.0)
             adam.step(m.weights.flat, m.grads.flat, args.lr)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             losses.append(loss / batch.n_tokens)
-    return {"times": times, "losses": losses}
+    return {"times": times, "cpu": cpu, "losses": losses}
 
 
 # -- torch + peft (runs in the other environment) --------------------------------------------
@@ -124,11 +128,11 @@ def run_torch(args, windows, work: Path) -> dict:
         mod = modules[f"base_model.model.model.layers.{i}.{HF_MODULES[kind]}"]
         mod.lora_A["default"].weight.data.copy_(torch.from_numpy(a_init[name]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     model.train()
     for step in range(args.steps + 1):
         ids = torch.from_numpy(windows[step % len(windows)])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = model(input_ids=ids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
@@ -147,8 +151,9 @@ def run_torch(args, windows, work: Path) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-    return {"times": times, "losses": losses, "torch": torch.__version__}
+        cpu.append(time.process_time() - c0)
+        losses.append(float(loss.detach()))
+    return {"times": times, "cpu": cpu, "losses": losses, "torch": torch.__version__}
 
 
 # -- orchestration -------------------------------------------------------------------------------
@@ -166,8 +171,8 @@ def make_windows(args) -> np.ndarray:
 
 
 def summary(name, r, tokens):
-    t = float(np.median(r["times"][1:]))
-    return {"backend": name, "step_s": t, "tokens_per_s": tokens / t, "first_loss": r["losses"][0],
+    t, c = float(np.median(r["times"][1:])), float(np.median(r["cpu"][1:]))
+    return {"backend": name, "step_s": t, "tokens_per_s": tokens / t, "cpu_s": c, "first_loss": r["losses"][0],
             "last_loss": r["losses"][-1]}
 
 
@@ -185,6 +190,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--targets", default="q,k,v,o")
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--batch-threads", action="store_true", help="pyllm: the batch's sequences over the threads")
     p.add_argument("--torch-python", help="python of a venv with torch, transformers, peft, gguf")
     p.add_argument("--backend", choices=("both", "pyllm", "torch"), default="both")
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -215,9 +221,10 @@ def main():
     print(f"{args.model}: batch {args.batch} x seq {args.seq}, targets {args.targets}, {args.threads} threads")
     for r in rows:
         print(f"  {r['backend']:<22} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  "
-              f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+              f"{r['cpu_s']:7.2f} CPU s/step  loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
     if len(rows) == 2:
-        print(f"  pyllm / torch: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+        print(f"  pyllm / torch: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x tokens/s, "
+              f"{rows[1]['cpu_s'] / rows[0]['cpu_s']:.2f}x in CPU time")
 
 
 if __name__ == "__main__":

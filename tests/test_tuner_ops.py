@@ -333,3 +333,18 @@ def test_float32_stays_float32():
     arrays = [y, ops.rmsnorm_backward(y, x, w, rstd), ops.rope(x, cos, sin, False), out, p, dq, dk, dv, z,
               *ops.lora_backward(z, x[0, 0], a, b, 2.0, xa), *ops.swiglu_backward(x, x, x), ops.swiglu(x, x)]
     assert all(t.dtype == f for t in arrays)
+
+
+def test_batch_shards_on_threads_give_the_same_gradients(tmp_path):
+    # sequences of different lengths over 2 threads: each shard cut to its own length
+    m = _tiny_lora_model(tmp_path, "llama", dropout=0.2)
+    r = np.random.default_rng(6)
+    batch = batch_of([list(r.integers(0, 64, n)) for n in (9, 4, 7, 6, 3)], loss_from=[2, 0, 1, 0, 0])
+    shards = batch.split(2)
+    assert sorted(k for s in shards for k in s.keys) == list(range(5))
+    assert sum(s.n_inputs for s in shards) == batch.n_inputs and sum(s.n_tokens for s in shards) == batch.n_tokens
+    loss = m.forward_backward(batch, step_key=4)
+    ref = m.grads.flat.copy()
+    m.grads.flat[:] = 0
+    assert abs(m.forward_backward_threads(batch, 4, 2) - loss) < 1e-12 * abs(loss)
+    np.testing.assert_allclose(m.grads.flat, ref, rtol=1e-10, atol=1e-13)

@@ -187,3 +187,12 @@ def test_plot_writes_a_png(tmp_path, stories260k, sentences):
     assert main(["finetune", "--plot", str(tmp_path / "p.log.jsonl")]) == 0
     png = (tmp_path / "p.log.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_two_threads_train_like_one(tmp_path, stories260k, sentences):
+    # -t 2 shares each micro-batch's sequences between two threads
+    opts = dict(iters=3, rank=4, lr=3e-3, batch_size=5, dropout=0.1, seq_len=64, quiet=True)
+    pyllm.finetune(stories260k, sentences, tmp_path / "one.gguf", threads=1, **opts)
+    pyllm.finetune(stories260k, sentences, tmp_path / "two.gguf", threads=2, **opts)
+    assert_close_adapters(adapter_arrays(tmp_path / "two.gguf"), adapter_arrays(tmp_path / "one.gguf"))
+    assert_same_curves(tmp_path / "two.log.jsonl", tmp_path / "one.log.jsonl")

@@ -75,4 +75,4 @@ def batch_of(seqs, loss_from=None):
         n = len(s) - 1
         inputs[i, :n], targets[i, :n] = s[:-1], s[1:]
         mask[i, (loss_from[i] if loss_from else 0):n] = True
-    return Batch(inputs, targets, mask, tuple(range(len(seqs))))
+    return Batch(inputs, targets, mask, tuple(range(len(seqs))), tuple(len(s) - 1 for s in seqs))

@@ -46,11 +46,35 @@ class Batch:
     targets: np.ndarray  # (B, T) int64
     mask: np.ndarray  # (B, T) bool
     keys: tuple
-    n_inputs: int = 0  # real (not padding) positions
+    lengths: tuple = ()  # real (not padding) positions of each sequence
 
     @property
     def n_tokens(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def n_inputs(self) -> int:
+        return int(sum(self.lengths)) if self.lengths else self.inputs.size
+
+    def split(self, n: int) -> list:
+        """At most n batches of whole sequences with about equal tokens (longest first to
+        the lightest), each cut to its own longest sequence."""
+        lengths = self.lengths or (self.inputs.shape[1],) * len(self.keys)
+        n = max(1, min(n, len(self.keys)))
+        if n == 1:
+            return [self]
+        groups, load = [[] for _ in range(n)], [0] * n
+        for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+            g = load.index(min(load))
+            groups[g].append(i)
+            load[g] += lengths[i]
+        out = []
+        for rows in groups:
+            rows = sorted(rows)
+            T = max(lengths[i] for i in rows)
+            out.append(Batch(self.inputs[rows, :T], self.targets[rows, :T], self.mask[rows, :T],
+                             tuple(self.keys[i] for i in rows), tuple(lengths[i] for i in rows)))
+        return out
 
 
 # -- records -> examples -------------------------------------------------------------------
@@ -188,7 +212,7 @@ def make_batch(examples: list, keys) -> Batch:
         inputs[i, :n] = e.ids[:-1]
         targets[i, :n] = e.ids[1:]
         mask[i, :n] = e.loss[1:]
-    return Batch(inputs, targets, mask, tuple(keys), sum(len(e.ids) - 1 for e in examples))
+    return Batch(inputs, targets, mask, tuple(keys), tuple(len(e.ids) - 1 for e in examples))
 
 
 class Stream:

@@ -165,15 +165,15 @@ class LoraModel:
             cache["lora_" + slot] = (xa, keep)
         return y
 
-    def _linear_backward(self, li, slot, w, dy, x, cache, need_dx=True):
+    def _linear_backward(self, li, slot, w, dy, x, cache, grads, need_dx=True):
         name = f"blk.{li}.{w_name(slot)}.weight"
         dx = qmatmul_t(w, dy, self.bf16) if need_dx else None
         if name in self.weights.a:
             xa, keep = cache["lora_" + slot]
             dxl, da, db = ops.lora_backward(dy, x, self.weights.a[name], self.weights.b[name], self.spec.scale,
                                             xa, keep, self.mm)
-            self.grads.a[name] += da
-            self.grads.b[name] += db
+            grads.a[name] += da
+            grads.b[name] += db
             if need_dx:
                 dx += dxl
         return dx
@@ -207,25 +207,25 @@ class LoraModel:
         c.update(x=xf, h1=h1, r1=r1, q=q, k=k, v=v, p=p, att=att, x2=x2, h2=h2, r2=r2, g=g, u=u, act=act)
         return x3.reshape(nb, T, D), c
 
-    def _layer_backward(self, li, dx3, c, need_dx):
+    def _layer_backward(self, li, dx3, c, need_dx, grads):
         """d layer output (N, D) -> d layer input (N, D) (None when not needed); LoRA grads added."""
         a, L = self.args, self.base.layers[li]
         nb, T, H, hd = c["q"].shape
         attn_norm, ffn_norm = self.norms[li]
-        dact = self._linear_backward(li, "down", L.w_down, dx3, c["act"], c)
+        dact = self._linear_backward(li, "down", L.w_down, dx3, c["act"], c, grads)
         dg, du = ops.swiglu_backward(dact, c["g"], c["u"])
-        dh2 = self._linear_backward(li, "gate", L.w_gate, dg, c["h2"], c)
-        dh2 += self._linear_backward(li, "up", L.w_up, du, c["h2"], c)
+        dh2 = self._linear_backward(li, "gate", L.w_gate, dg, c["h2"], c, grads)
+        dh2 += self._linear_backward(li, "up", L.w_up, du, c["h2"], c, grads)
         dx2 = dx3 + ops.rmsnorm_backward(dh2, c["x2"], ffn_norm, c["r2"])
-        datt = self._linear_backward(li, "o", L.wo, dx2, c["att"], c)
+        datt = self._linear_backward(li, "o", L.wo, dx2, c["att"], c, grads)
         dq, dk, dv = ops.attention_backward(datt, c["q"], c["k"], c["v"], c["p"], self.mm)
         cos, sin = self.cos[:T], self.sin[:T]
         dq = ops.rope_backward(dq, cos, sin, a.rope_neox).reshape(nb * T, -1)
         dk = ops.rope_backward(dk, cos, sin, a.rope_neox).reshape(nb * T, -1)
         dv = dv.reshape(nb * T, -1)
-        dh1 = self._linear_backward(li, "q", L.wq, dq, c["h1"], c, need_dx)
-        dh1_k = self._linear_backward(li, "k", L.wk, dk, c["h1"], c, need_dx)
-        dh1_v = self._linear_backward(li, "v", L.wv, dv, c["h1"], c, need_dx)
+        dh1 = self._linear_backward(li, "q", L.wq, dq, c["h1"], c, grads, need_dx)
+        dh1_k = self._linear_backward(li, "k", L.wk, dk, c["h1"], c, grads, need_dx)
+        dh1_v = self._linear_backward(li, "v", L.wv, dv, c["h1"], c, grads, need_dx)
         if not need_dx:
             return None
         dh1 += dh1_k
@@ -278,11 +278,13 @@ class LoraModel:
             x, _ = self._layer(li, x, ctx)
         return self._head(x, batch, grad=False)[0]
 
-    def forward_backward(self, batch, step_key: int = 0, need_input_grad: bool = False) -> float:
-        """Summed loss of a batch; d(summed loss)/d LoRA weights added into self.grads.
+    def forward_backward(self, batch, step_key: int = 0, need_input_grad: bool = False, grads=None) -> float:
+        """Summed loss of a batch; d(summed loss)/d LoRA weights added into grads
+        (default self.grads).
 
         step_key seeds the dropout masks (the optimizer step); need_input_grad also keeps
         d loss / d embeddings in self.input_grad (B, T, D) for the gradient checks."""
+        grads = self.grads if grads is None else grads
         x = self._embed(batch)
         ctx = self._ctx(batch, step_key)
         saved = []
@@ -295,9 +297,49 @@ class LoraModel:
         for li in reversed(range(len(self.base.layers))):
             cache = self._layer(li, saved[li], ctx)[1] if self.grad_checkpoint else saved[li]
             saved[li] = None  # free this layer's activations as soon as its backward is done
-            dx = self._layer_backward(li, dx, cache, need_dx=li > 0 or need_input_grad)
+            dx = self._layer_backward(li, dx, cache, li > 0 or need_input_grad, grads)
         self.input_grad = dx.reshape(batch.inputs.shape + (-1,)) if need_input_grad else None
         return loss
+
+    # -- one batch over several threads ------------------------------------------------------
+    # On a few cores, sharing a batch's sequences among threads (each with one BLAS thread)
+    # beats one batch on multi-threaded BLAS: every op runs in parallel, not only the
+    # products (numpy's products and ufuncs and the trainer's Numba kernels release the
+    # GIL), and no thread waits at a BLAS barrier. Each shard decodes the weights itself.
+    # The result is the same up to float32 rounding (shards' gradients add in a fixed order).
+
+    def _on_threads(self, batch, workers: int, run) -> list:
+        """[run(shard, i) for each shard of batch], shard i on thread i."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        shards = batch.split(workers)
+        if len(shards) == 1:
+            return [run(batch, 0)]
+        if getattr(self, "_pool", None) is None or self._pool._max_workers < len(shards):
+            self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix="pyllm-tuner")
+        with threadpool_limits(1, "blas"):
+            jobs = [self._pool.submit(run, s, i) for i, s in enumerate(shards)]
+            return [j.result() for j in jobs]
+
+    def forward_backward_threads(self, batch, step_key: int, workers: int) -> float:
+        """forward_backward with the batch's sequences shared among `workers` threads."""
+        if len(batch.keys) == 1 or workers == 1:
+            return self.forward_backward(batch, step_key)
+        if len(getattr(self, "_shard_grads", ())) < workers:
+            self._shard_grads = [self.weights.like() for _ in range(workers)]
+        for g in self._shard_grads:
+            g.flat[...] = 0.0
+        losses = self._on_threads(batch, workers,
+                                  lambda s, i: self.forward_backward(s, step_key, False, self._shard_grads[i]))
+        for g in self._shard_grads[:len(losses)]:
+            self.grads.flat += g.flat
+        return float(sum(losses))
+
+    def loss_threads(self, batch, workers: int) -> float:
+        """loss() with the batch's sequences shared among `workers` threads."""
+        return float(sum(self._on_threads(batch, workers, lambda s, i: self.loss(s))))
 
 
 def w_name(slot: str) -> str:

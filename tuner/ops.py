@@ -126,14 +126,14 @@ def attention_backward(dout, q, k, v, p, mm=np.matmul):
 # negative x, which gives sigmoid = 0 exactly: the right limit.
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _swiglu(g, u, out):
     for i in range(g.shape[0]):
         x = g[i]
         out[i] = x / (1.0 + np.exp(-x)) * u[i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _swiglu_backward(da, g, u, dg, du):
     for i in range(g.shape[0]):
         x = g[i]
@@ -186,7 +186,7 @@ def lora_backward(dy, x, a, b, scale, xa, keep=None, mm=np.matmul):
 # -- cross-entropy ------------------------------------------------------------------------
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _cross_entropy(logits, targets):
     # in place: logits (n, V) become d loss / d logits; returns the summed loss
     total = 0.0

@@ -331,7 +331,7 @@ class Trainer:
 
         total = np.zeros(2)
         for batch in fixed_batches(self.val, self.cfg.batch_size, comm.rank, comm.size):
-            total += (self.model.loss(batch), batch.n_tokens)
+            total += (self.model.loss_threads(batch, self.threads), batch.n_tokens)
         comm.allreduce_sum(total)
         return float(total[0] / total[1])
 
@@ -347,8 +347,8 @@ class Trainer:
         for m in range(cfg.grad_accum):
             first = (step * cfg.grad_accum + m) * cfg.batch_size
             batch = self.stream.micro_batch(first, cfg.batch_size, comm.rank, comm.size)
-            if batch is not None:  # this rank's share of the micro-batch
-                sums[0] += model.forward_backward(batch, step_key=step)
+            if batch is not None:  # this rank's share of the micro-batch, over this process's threads
+                sums[0] += model.forward_backward_threads(batch, step, self.threads)
                 sums[1] += batch.n_tokens
                 sums[2] += batch.n_inputs
         sums[3] = float(stop_requested)
@@ -374,6 +374,7 @@ class Trainer:
         main = comm.rank == 0
         # default threads: the cores shared by the ranks on this machine (no oversubscription)
         threads = set_threads(cfg.threads or (max(1, max_threads() // dist.local_size()) if comm.size > 1 else None))
+        self.threads = threads
         with threadpool_limits(limits=threads, user_api="blas"):
             self._load()
             ckpt_path, log_path = run_paths(cfg.output)

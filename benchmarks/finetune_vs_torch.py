@@ -8,8 +8,9 @@ The torch side runs in its own virtual environment (torch, transformers, peft, g
 train LoRA (rank 8, alpha 16, no dropout, AdamW lr 1e-4) on the same windows of
 tinyshakespeare tokenized by the model's tokenizer:
 
-- pyllm: the base stays in its GGUF blocks (QLoRA on a Q4_1 file); LoraModel.forward_backward
-  + clipping + AdamW, exactly what a `pyllm finetune` step runs.
+- pyllm: the base stays in its GGUF blocks (QLoRA on a Q4_1 file); the batch's sequences
+  shared among the threads (LoraModel.forward_backward_threads) + clipping + AdamW, exactly
+  what a `pyllm finetune -t N` step runs (--blas-threads: one batch on N BLAS threads).
 - torch: LlamaForCausalLM in float32 with the same weights, dequantized from the GGUF by
   gguf-py (Q/K rows un-permuted to Hugging Face's order), peft.get_peft_model, the usual
   loss.backward() + AdamW; torch.set_num_threads(t).
@@ -69,8 +70,8 @@ def run_pyllm(args, windows, work: Path) -> dict:
                           tuple(range(len(ids))), (args.seq,) * len(ids))
             t0, c0 = time.perf_counter(), time.process_time()
             m.grads.flat[...] = 0
-            loss = m.forward_backward_threads(batch, step, threads) if args.batch_threads else \
-                m.forward_backward(batch, step_key=step)
+            loss = m.forward_backward(batch, step_key=step) if args.blas_threads else \
+                m.forward_backward_threads(batch, step, threads)
             m.grads.flat *= np.float32(1.0 / batch.n_tokens)
             if step == 0:
                 np.savez(work / "pyllm_grad_b.npz", **{n: m.grads.b[n] for n in m.weights.names})
@@ -190,7 +191,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--targets", default="q,k,v,o")
     p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--batch-threads", action="store_true", help="pyllm: the batch's sequences over the threads")
+    p.add_argument("--blas-threads", action="store_true",
+                   help="pyllm: one batch on multi-threaded BLAS instead of the trainer's sequences-over-threads")
     p.add_argument("--torch-python", help="python of a venv with torch, transformers, peft, gguf")
     p.add_argument("--backend", choices=("both", "pyllm", "torch"), default="both")
     p.add_argument("--work", help=argparse.SUPPRESS)

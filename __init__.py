@@ -10,8 +10,8 @@ kernels load on first use, not at import.
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "load_tokenizer", "generate", "stream_generate", "create_chat_completion", "PyllmError",
-           "__version__"]
+__all__ = ["load", "load_tokenizer", "generate", "stream_generate", "create_chat_completion", "finetune",
+           "PyllmError", "__version__"]
 
 _LAZY = {
     "load": "pyllm.runtime.loader",
@@ -19,6 +19,7 @@ _LAZY = {
     "generate": "pyllm.runtime.generate",
     "stream_generate": "pyllm.runtime.generate",
     "create_chat_completion": "pyllm.runtime.chat",
+    "finetune": "pyllm.tuner.trainer",
     "PyllmError": "pyllm.base",
 }
 

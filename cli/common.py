@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "the bundled
     add_model_arg(p, default_model)
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context size in tokens (0: min(4096, model's))")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)")
+    from pyllm.runtime.lora import add_lora_args
+
+    add_lora_args(p)  # --lora FILE, --lora-scaled FILE SCALE
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -77,7 +80,9 @@ def load_from_args(args):
     if args.ctx_size < 0:
         raise PyllmError(f"-c must be 0 or more, got {args.ctx_size}")
     t0 = time.perf_counter()
-    model = load(args.model, n_ctx=args.ctx_size or None, n_threads=args.threads)
+    from pyllm.runtime.lora import lora_from_args
+
+    model = load(args.model, n_ctx=args.ctx_size or None, n_threads=args.threads, lora=lora_from_args(args))
     t1 = time.perf_counter()
     model.warmup()
     return model, t1 - t0, time.perf_counter() - t1

@@ -19,6 +19,8 @@ COMMANDS = {
     "pull": "download a known model into the cache",
     "bench": "measure prompt and decode speed, as llama-bench does",
     "perplexity": "perplexity (and KL divergence against a base model) on a text, as llama-perplexity does",
+    "finetune": "train a LoRA adapter (QLoRA on quantized models) on jsonl data",
+    "export": "merge a LoRA adapter into a model (--fuse) or write it for PEFT (--peft)",
 }
 
 USAGE = "usage: pyllm <command> [options]   (pyllm <command> -h for its options)\n\ncommands:\n" + "\n".join(

@@ -12,6 +12,7 @@ from pyllm.base import PyllmError
 from pyllm.kernels import ops
 from pyllm.kernels.matmul import linear
 from pyllm.kernels.quants import QTensor, get_rows
+from pyllm.runtime import lora
 from pyllm.runtime.gguf_file import GGUFFile
 from pyllm.runtime.rope import SCALING_TYPES, RopeScaling, rope_tables
 
@@ -220,6 +221,7 @@ class Layer:
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
     bo: np.ndarray | None = None  # attn_output.bias  (hidden,)
+    lora: dict = field(default_factory=dict)  # "attn_q", ... -> [(A, B, scale)]: see runtime/lora.py
 
 
 @dataclass
@@ -240,6 +242,7 @@ class Model:
     v_cache: np.ndarray = field(repr=False, default=None)
     tokens: list = field(default_factory=list)
     n_evaluated: int = 0  # tokens run through the network since load (for stats and tests)
+    output_lora: list = field(default_factory=list)  # [(A, B, scale)] on the output layer
 
     @property
     def metadata(self) -> dict:
@@ -364,9 +367,9 @@ class Model:
         attn = np.empty((n, a.num_attention_heads * hd), dtype=np.float32)  # (n, n_heads*head_dim)
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, eps, h)
-            q = linear(L.wq, h)  # (n, n_heads*head_dim)
-            k = linear(L.wk, h)  # (n, n_kv*head_dim)
-            v = linear(L.wv, h)  # (n, n_kv*head_dim)
+            q = lora.apply(linear(L.wq, h), h, L.lora.get("attn_q"))  # (n, n_heads*head_dim)
+            k = lora.apply(linear(L.wk, h), h, L.lora.get("attn_k"))  # (n, n_kv*head_dim)
+            v = lora.apply(linear(L.wv, h), h, L.lora.get("attn_v"))  # (n, n_kv*head_dim)
             if L.bq is not None:
                 q += L.bq
                 k += L.bk
@@ -375,19 +378,28 @@ class Model:
             ops.rope(k, a.num_key_value_heads, hd, a.rope_dim, start, self.rope_cos, self.rope_sin, a.rope_neox)
             ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], start)
             ops.attention(q, self.k_cache[li], self.v_cache[li], start, attn)
-            x += linear(L.wo, attn)
+            x += lora.apply(linear(L.wo, attn), attn, L.lora.get("attn_output"))
             if L.bo is not None:
                 x += L.bo
             ops.rmsnorm(x, L.ffn_norm, eps, h)
-            gate = linear(L.w_gate, h)  # (n, intermediate)
-            ops.silu_mul(gate, linear(L.w_up, h))
-            x += linear(L.w_down, gate)
+            gate = lora.apply(linear(L.w_gate, h), h, L.lora.get("ffn_gate"))  # (n, intermediate)
+            ops.silu_mul(gate, lora.apply(linear(L.w_up, h), h, L.lora.get("ffn_up")))
+            x += lora.apply(linear(L.w_down, gate), gate, L.lora.get("ffn_down"))
         self.tokens.extend(int(i) for i in ids)
         self.n_evaluated += n
         x = x if all_logits else x[-1:]
         out = np.empty_like(x)
         ops.rmsnorm(x, self.output_norm, eps, out)
-        return linear(self.output, out)  # (n or 1, vocab)
+        return lora.apply(linear(self.output, out), out, self.output_lora)  # (n or 1, vocab)
+
+    def set_lora(self, deltas: dict):
+        """Apply LoRA adapters: {base tensor name: [(A, B, scale)]} (runtime/lora.py
+        load_adapters); {} removes them. The cache is dropped: its K/V came from other weights."""
+        for i, L in enumerate(self.layers):
+            prefix = f"blk.{i}."
+            L.lora = {n[len(prefix):-len(".weight")]: d for n, d in deltas.items() if n.startswith(prefix)}
+        self.output_lora = list(deltas.get("output.weight", []))
+        self.reset()
 
     def eval(self, ids, all_logits: bool = False) -> np.ndarray:
         """Append ids to the cache; return the logits after the last one: (vocab,), or with

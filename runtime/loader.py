@@ -21,11 +21,12 @@ def load_tokenizer(path):
     return Tokenizer.from_metadata(GGUFFile(path).metadata)
 
 
-def load(path=None, n_ctx: int | None = None, n_threads: int | None = None):
+def load(path=None, n_ctx: int | None = None, n_threads: int | None = None, lora=None):
     """Open a GGUF model for inference.
 
     path: a .gguf file (None: the bundled stories260K). n_ctx: positions in the KV cache
     (default min(4096, the model's context)). n_threads: kernel threads (default all cores).
+    lora: LoRA adapters to apply, [(adapter.gguf, scale), ...] (llama.cpp's format).
     """
     from pyllm.kernels import set_threads
     from pyllm.runtime.llama import Model
@@ -42,4 +43,9 @@ def load(path=None, n_ctx: int | None = None, n_threads: int | None = None):
     if n_ctx < 1:
         raise PyllmError(f"context size must be positive, got {n_ctx}")
     set_threads(n_threads)
-    return Model.from_gguf(gguf, tokenizer, n_ctx)
+    model = Model.from_gguf(gguf, tokenizer, n_ctx)
+    if lora:
+        from pyllm.runtime.lora import load_adapters
+
+        model.set_lora(load_adapters(gguf, [(f, 1.0) if isinstance(f, (str, Path)) else f for f in lora]))
+    return model

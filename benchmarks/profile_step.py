@@ -1,12 +1,13 @@
 """Where a decoded token's time goes: the compiled step with parts of its work left out.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/profile_step.py MODEL [-t 1] [-n 64] [--ctx 128]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/profile_step.py MODEL [-t 1] [-n 64] [--ctx 128] [--batch 1]
 
 Runs the step as is, then compiled without the products, without attention, without the
 rest (norms, rope, K/V stores, activation quantization), and with none of them (what is
 left: the Python -> Numba crossing, the embedding row, residual adds and the parallel
 regions' launches). Each variant is compiled once (slow the first time, then cached).
-Times are per token, best of -r runs of -n tokens at context --ctx.
+Times are per token, best of -r runs of -n tokens at context --ctx; with --batch B, of one
+prompt batch of B tokens from an empty cache (prompt processing) instead.
 """
 
 import argparse
@@ -19,6 +20,17 @@ import numpy as np  # noqa: E402
 import pyllm  # noqa: E402
 from pyllm.kernels import set_threads  # noqa: E402
 from pyllm.kernels.forward import SKIP_ATTENTION, SKIP_OTHER, SKIP_PRODUCTS  # noqa: E402
+
+
+def per_prompt_token(decoder, batch, repeats):
+    ids = np.ones(batch, np.int64)
+    decoder(ids, 0, False)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        decoder(ids, 0, False)
+        best = min(best, (time.perf_counter() - t) / batch)
+    return best
 
 
 def per_token(decoder, ctx, n, repeats):
@@ -40,8 +52,9 @@ def main():
     p.add_argument("-n", type=int, default=64)
     p.add_argument("-r", type=int, default=3)
     p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="profile prompt batches of this many tokens")
     args = p.parse_args()
-    model = pyllm.load(args.model, n_ctx=args.ctx + args.n + 1, n_threads=args.threads)
+    model = pyllm.load(args.model, n_ctx=max(args.ctx + args.n + 1, args.batch), n_threads=args.threads)
     set_threads(args.threads)
     base = model.decoder
     variants = [("full step", 0), ("without products", SKIP_PRODUCTS), ("without attention", SKIP_ATTENTION),
@@ -50,9 +63,13 @@ def main():
     times = {}
     for label, skip in variants:
         d = base if skip == 0 else base.without(skip)
-        times[label] = per_token(d, args.ctx, args.n, args.r)
+        if args.batch > 1:
+            times[label] = per_prompt_token(d, args.batch, args.r)
+        else:
+            times[label] = per_token(d, args.ctx, args.n, args.r)
     full = times["full step"]
-    print(f"{os.path.basename(args.model)}, {args.threads} thread(s), context {args.ctx}, kernels {base.kernels}")
+    what = f"prompt batches of {args.batch}" if args.batch > 1 else f"decode at context {args.ctx}"
+    print(f"{os.path.basename(args.model)}, {args.threads} thread(s), {what}, kernels {base.kernels}")
     print("| part | ms per token | share |")
     print("| --- | ---: | ---: |")
     print(f"| full step | {full * 1e3:.3f} | 100% |")

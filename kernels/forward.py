@@ -130,7 +130,7 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, skip: int = 0):
                 ops.rope(y[:n, kc_:kc_ + kvd], n_kv, head_dim, rope_dim, start, P.cos, P.sin, neox)
                 ops.store_kv(y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start)
             if attention:
-                ops.attention(y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.attn)
+                ops.attention_at(isa, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.attn)
             if other:
                 _quantize_rows(forms, S.attn, n, qd, act, f16)
             if products:
@@ -146,7 +146,7 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, skip: int = 0):
             _add_bias(y, n, meta[base + GATE, 3], P.bias, meta[base + GATE, 4], ff)
             _add_bias(y, n, meta[base + UP, 3], P.bias, meta[base + UP, 4], ff)
             if other:
-                ops.silu_mul(y, n, meta[base + GATE, 3], meta[base + UP, 3], ff, S.ff)
+                ops.silu_mul_at(isa, y, n, meta[base + GATE, 3], meta[base + UP, 3], ff, S.ff)
                 _quantize_rows(forms, S.ff, n, ff, act, f16)
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[3, 0], R[3, 1], act, n, y)

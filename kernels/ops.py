@@ -8,6 +8,8 @@ kernels/matmul.py and kernels/dots*.py.
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
 
 
 @njit(cache=True, fastmath=True)
@@ -161,3 +163,61 @@ def silu_mul(y, n, gate_col, up_col, width, out):
         for j in range(width):
             g = y[t, gate_col + j]
             out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * y[t, up_col + j]
+
+
+def attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    """attention() with the kernels of level isa (a compile-time constant, kernels/cpu.py):
+    the AVX2 version (kernels/ops_avx2.py) where the level has it and head_dim is a multiple
+    of 8, else the portable one."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(attention_at, prefer_literal=True)
+def _attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    if not isinstance(isa, types.IntegerLiteral):
+        return None
+    from pyllm.kernels.cpu import AVX2, isa_supported
+
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import attention as fast
+
+        def impl(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+            if k_cache.shape[2] % 8 == 0:
+                fast(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+            else:
+                attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+        return impl
+
+    def portable(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+        attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+    return portable
+
+
+def silu_mul_at(isa, y, n, gate_col, up_col, width, out):
+    """silu_mul() with the kernels of level isa (AVX2: eight-wide exp, width % 8 == 0)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(silu_mul_at, prefer_literal=True)
+def _silu_mul_at(isa, y, n, gate_col, up_col, width, out):
+    if not isinstance(isa, types.IntegerLiteral):
+        return None
+    from pyllm.kernels.cpu import AVX2, isa_supported
+
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import silu_mul as fast
+
+        def impl(isa, y, n, gate_col, up_col, width, out):
+            if width % 8 == 0:
+                fast(y, n, gate_col, up_col, width, out)
+            else:
+                silu_mul(y, n, gate_col, up_col, width, out)
+
+        return impl
+
+    def portable(isa, y, n, gate_col, up_col, width, out):
+        silu_mul(y, n, gate_col, up_col, width, out)
+
+    return portable

@@ -638,3 +638,129 @@ def bcast4(typingctx, arr, i):
 
 
 zero_i16 = _zero(I16x16)
+
+
+# -- float lane math (portable) -------------------------------------------------------------
+
+
+def _fcall1(name):
+    @intrinsic
+    def op(typingctx, a):
+        if a != F32x8:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return _call(builder, f"llvm.{name}.v8f32", _llvm(F32x8), [args[0]])
+
+        return F32x8(a), codegen
+
+    return op
+
+
+vrint = _fcall1("rint")  # round to nearest even (vroundps)
+
+
+def _fcall2(name):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (a == b == F32x8):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return _call(builder, f"llvm.{name}.v8f32", _llvm(F32x8), list(args))
+
+        return F32x8(a, b), codegen
+
+    return op
+
+
+vmax = _fcall2("maxnum")
+vmin = _fcall2("minnum")
+
+
+@intrinsic
+def f32_to_i32(typingctx, a):
+    """float lanes -> int32 lanes, truncating (vcvttps2dq)."""
+    if a != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fptosi(args[0], _llvm(I32x8))
+
+    return I32x8(a), codegen
+
+
+@intrinsic
+def bits_as_f32(typingctx, a):
+    """The int32 lanes' bits as float lanes (a bitcast)."""
+    if a != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _llvm(F32x8))
+
+    return F32x8(a), codegen
+
+
+@intrinsic
+def select_lt(typingctx, a, b, x, y):
+    """Lane-wise a < b ? x : y."""
+    if not (a == b == x == y == F32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered("<", args[0], args[1]), args[2], args[3])
+
+    return F32x8(a, b, x, y), codegen
+
+
+@intrinsic
+def hmax_f32(typingctx, a):
+    """The largest of the 8 lanes."""
+    if a != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        undef = ir.Constant(v.type, ir.Undefined)
+        for mask in ([4, 5, 6, 7, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]):
+            other = builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), 8), mask))
+            v = _call(builder, "llvm.maxnum.v8f32", v.type, [v, other])
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(a), codegen
+
+
+@intrinsic
+def sums8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Lane i: the sum of the 8 lanes of ai (a transpose and three rounds of pairwise adds)."""
+    if not all(a == F32x8 for a in (a0, a1, a2, a3, a4, a5, a6, a7)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+
+        def hadd(x, y):  # per 128-bit half: [x0+x1, x2+x3, y0+y1, y2+y3]
+            ev = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), [0, 2, 8, 10, 4, 6, 12, 14]))
+            od = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), [1, 3, 9, 11, 5, 7, 13, 15]))
+            return builder.fadd(ev, od)
+
+        u0 = hadd(hadd(args[0], args[1]), hadd(args[2], args[3]))  # [s0 s1 s2 s3 (lo halves) | (hi halves)]
+        u1 = hadd(hadd(args[4], args[5]), hadd(args[6], args[7]))
+        lo = builder.shuffle_vector(u0, u1, ir.Constant(ir.VectorType(i32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
+        hi = builder.shuffle_vector(u0, u1, ir.Constant(ir.VectorType(i32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
+        return builder.fadd(lo, hi)
+
+    return F32x8(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+
+
+@intrinsic
+def vdiv(typingctx, a, b):
+    """a / b lane-wise (float lanes)."""
+    if not (a == b == F32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+
+    return F32x8(a, b), codegen

@@ -2,8 +2,8 @@
 
 Each mm_<type>(w, r0, r1, act, t0, t1, out, oc) fills out[t, oc + r] = row r of w . token t
 of act for r0 <= r < r1, t0 <= t < t1, in tiles: four tokens at a time share each decoded weight block
-(prefill, small batches), then one token at a time (decode). Rows are the outer loop, so a
-row stays in L1 while the token tiles pass.
+(prefill, small batches), then one token at a time (decode). Tokens go in blocks of 32 (their
+activations fit L2), rows inside a block (a row stays in L1 while the token tiles pass).
 
 The integer work follows llama.cpp's x86 kernels (ggml-cpu/arch/x86/quants.c):
 - 8-bit products: vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16,
@@ -82,19 +82,24 @@ def _dot_u8s8_vnni(u, s):
     return dpbusd(zero_i32(), u, s)
 
 
+TOKEN_BLOCK = 32  # tokens whose activations (32 x 6 KB of floats at most here) share L2
+
+
 def _tiled(x1, x4):
     """The rows x tokens loop around a type's one-token and four-token row kernels."""
 
     @njit(fastmath=True)
     def mm(w, r0, r1, act, t0, t1, out, oc):
-        for r in range(r0, r1):  # the row stays in L1 while the token tiles pass
-            t = t0
-            while t + 4 <= t1:
-                x4(w[r], act, t, out, oc + r)
-                t += 4
-            while t < t1:
-                out[t, oc + r] = x1(w[r], act, t)
-                t += 1
+        for b0 in range(t0, t1, TOKEN_BLOCK):  # a block of tokens stays in L2 ...
+            b1 = min(b0 + TOKEN_BLOCK, t1)
+            for r in range(r0, r1):  # ... and a row in L1 while its token tiles pass
+                t = b0
+                while t + 4 <= b1:
+                    x4(w[r], act, t, out, oc + r)
+                    t += 4
+                while t < b1:
+                    out[t, oc + r] = x1(w[r], act, t)
+                    t += 1
 
     return mm
 
@@ -573,14 +578,16 @@ def _grouped(x1, x4):
     @njit(fastmath=True)
     def mm(w, r0, r1, act, t0, t1, out, oc):
         g0, g1 = r0 // 8, (r1 + 7) // 8
-        for g in range(g0, g1):  # the group stays in L1/L2 while the token tiles pass
-            t = t0
-            while t + 4 <= t1:
-                x4(w[g], act, t, out, oc + 8 * g)
-                t += 4
-            while t < t1:
-                x1(w[g], act, t, out, oc + 8 * g)
-                t += 1
+        for b0 in range(t0, t1, TOKEN_BLOCK):  # a block of tokens stays in L2 ...
+            b1 = min(b0 + TOKEN_BLOCK, t1)
+            for g in range(g0, g1):  # ... and a group of rows in L1 while its token tiles pass
+                t = b0
+                while t + 4 <= b1:
+                    x4(w[g], act, t, out, oc + 8 * g)
+                    t += 4
+                while t < b1:
+                    x1(w[g], act, t, out, oc + 8 * g)
+                    t += 1
 
     return mm
 

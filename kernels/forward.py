@@ -36,7 +36,7 @@ from numba.typed import List
 from pyllm.kernels import ops
 from pyllm.kernels.act import new_act, quantize_act
 from pyllm.kernels.blocks import act_forms, block_type, type_mask
-from pyllm.kernels.cpu import ISA_NAMES, best_isa
+from pyllm.kernels.cpu import ISA_NAMES, PORTABLE, best_isa
 from pyllm.kernels.dispatch import SOURCE_STAMP, decode_row_any, mm_any
 from pyllm.kernels.quants import F16_TABLE, QTensor
 
@@ -96,10 +96,12 @@ SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER = 1, 2, 4
 
 
 @functools.cache
-def _compiled(mask: int, forms: int, isa: int, emb_mask: int, skip: int = 0):
-    """forward() for one set of weight types (bit mask), activation forms and kernel level:
-    a closure over these integers only, so Numba caches one compiled step per such set.
-    skip (0 but in profiles) leaves out parts of the work: SKIP_PRODUCTS etc."""
+def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, skip: int = 0):
+    """forward() for one set of weight types (bit mask), activation forms and kernel levels
+    (isa for the products, ops_isa for attention and the SwiGLU, which need head_dim and
+    feed_forward_length multiples of 8 above PORTABLE): a closure over these integers only,
+    so Numba caches one compiled step per such set. skip (0 but in profiles) leaves out parts
+    of the work: SKIP_PRODUCTS etc."""
     stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
     products, attention, other = not skip & SKIP_PRODUCTS, not skip & SKIP_ATTENTION, not skip & SKIP_OTHER
 
@@ -130,7 +132,7 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, skip: int = 0):
                 ops.rope(y[:n, kc_:kc_ + kvd], n_kv, head_dim, rope_dim, start, P.cos, P.sin, neox)
                 ops.store_kv(y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start)
             if attention:
-                ops.attention_at(isa, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.attn)
+                ops.attention_at(ops_isa, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.attn)
             if other:
                 _quantize_rows(forms, S.attn, n, qd, act, f16)
             if products:
@@ -146,7 +148,7 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, skip: int = 0):
             _add_bias(y, n, meta[base + GATE, 3], P.bias, meta[base + GATE, 4], ff)
             _add_bias(y, n, meta[base + UP, 3], P.bias, meta[base + UP, 4], ff)
             if other:
-                ops.silu_mul_at(isa, y, n, meta[base + GATE, 3], meta[base + UP, 3], ff, S.ff)
+                ops.silu_mul_at(ops_isa, y, n, meta[base + GATE, 3], meta[base + UP, 3], ff, S.ff)
                 _quantize_rows(forms, S.ff, n, ff, act, f16)
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[3, 0], R[3, 1], act, n, y)
@@ -239,7 +241,8 @@ class Decoder:
         )
         self.k_cache, self.v_cache = k_cache, v_cache
         self.vocab = output.rows
-        self._key = (type_mask(self.qtypes), act_forms(self.qtypes), self.isa, type_mask([token_embd.qtype]))
+        ops_isa = self.isa if head_dim % 8 == 0 and ff % 8 == 0 else PORTABLE
+        self._key = (type_mask(self.qtypes), act_forms(self.qtypes), self.isa, type_mask([token_embd.qtype]), ops_isa)
         self.step = _compiled(*self._key, skip)
         self._scratch = None
         self._batch = 0

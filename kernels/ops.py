@@ -167,8 +167,8 @@ def silu_mul(y, n, gate_col, up_col, width, out):
 
 def attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
     """attention() with the kernels of level isa (a compile-time constant, kernels/cpu.py):
-    the AVX2 version (kernels/ops_avx2.py) where the level has it and head_dim is a multiple
-    of 8, else the portable one."""
+    the AVX2 version (kernels/ops_avx2.py) from that level on, which needs head_dim % 8 == 0
+    (the caller passes PORTABLE otherwise), else the portable one. Only one is compiled."""
     raise NotImplementedError("only callable from compiled code")
 
 
@@ -182,10 +182,7 @@ def _attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, o
         from pyllm.kernels.ops_avx2 import attention as fast
 
         def impl(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
-            if k_cache.shape[2] % 8 == 0:
-                fast(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
-            else:
-                attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+            fast(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
 
         return impl
 
@@ -196,7 +193,8 @@ def _attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, o
 
 
 def silu_mul_at(isa, y, n, gate_col, up_col, width, out):
-    """silu_mul() with the kernels of level isa (AVX2: eight-wide exp, width % 8 == 0)."""
+    """silu_mul() with the kernels of level isa (AVX2: eight-wide exp; needs width % 8 == 0,
+    the caller passes PORTABLE otherwise)."""
     raise NotImplementedError("only callable from compiled code")
 
 
@@ -210,10 +208,7 @@ def _silu_mul_at(isa, y, n, gate_col, up_col, width, out):
         from pyllm.kernels.ops_avx2 import silu_mul as fast
 
         def impl(isa, y, n, gate_col, up_col, width, out):
-            if width % 8 == 0:
-                fast(y, n, gate_col, up_col, width, out)
-            else:
-                silu_mul(y, n, gate_col, up_col, width, out)
+            fast(y, n, gate_col, up_col, width, out)
 
         return impl
 

@@ -84,7 +84,7 @@ def load_from_args(args):
 
     model = load(args.model, n_ctx=args.ctx_size or None, n_threads=args.threads, lora=lora_from_args(args))
     t1 = time.perf_counter()
-    model.warmup()
+    model.warmup(progress=lambda message: print(message, file=sys.stderr, flush=True))
     return model, t1 - t0, time.perf_counter() - t1
 
 

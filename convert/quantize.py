@@ -294,10 +294,6 @@ def encode(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
-    from pyllm.kernels import lowbit
-
-    if qtype in lowbit.TYPES:  # until the block-type table holds them
-        return lowbit.quantize(x, qtype)
     from pyllm.kernels.quantize import quantize
 
     return quantize(x, qtype)
@@ -312,10 +308,6 @@ def decode(data: np.ndarray, qtype: GGMLType, rows: int, cols: int) -> np.ndarra
         return np.asarray(data).view(np.float16).reshape(rows, cols).astype(np.float32)
     if qtype == T.BF16:
         return (np.asarray(data).view(np.uint16).reshape(rows, cols).astype(np.uint32) << 16).view(np.float32)
-    from pyllm.kernels import lowbit
-
-    if qtype in lowbit.TYPES:  # until the block-type table holds them
-        return lowbit.dequantize(np.asarray(data).reshape(rows, -1), qtype, cols)
     from pyllm.kernels.quants import QTensor, dequantize
 
     return dequantize(QTensor(np.asarray(data).reshape(rows, -1), qtype, rows, cols)).reshape(rows, cols)

@@ -27,10 +27,14 @@ rounded tiles straight into `tdpbf16ps`: qmatmul/qmatmul_t are the call sites wh
 kernel belongs (the kernels' job), the rounding semantics here are what it must match.
 """
 
+import functools
+
 import numpy as np
 from numba import njit
 from pyllm.base import GGMLType
-from pyllm.kernels.quants import DECODABLE, F16_TABLE, QTensor, dequantize_row
+from pyllm.kernels.blocks import decodable
+from pyllm.kernels.dispatch import SOURCE_STAMP, decode_row
+from pyllm.kernels.quants import F16_TABLE, QTensor
 
 TILE_ELEMENTS = 1 << 17  # 128K elements per decoded tile (512 KB of float32: about one L2)
 
@@ -71,29 +75,46 @@ def round_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 # -- decoding a tile of rows ------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
-def _decode_rows_f32(data, qtype, cols, f16, r0, out, bf16):
-    # data: (rows, row_bytes) uint8; out: (n, cols) float32 gets rows r0..r0+n
-    for i in range(out.shape[0]):
-        dequantize_row(data[r0 + i], qtype, cols, f16, out[i])
-        if bf16:
-            bits = out[i].view(np.uint32)
+@functools.cache
+def _decoders(qt: int):
+    """The serial row decoders of one block type (compiled on first use, through the
+    block-type table): (rows into float32 (+ bf16 rounding), rows into float64, gather)."""
+    stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
+
+    @njit(cache=True, nogil=True)
+    def rows_f32(data, cols, f16, r0, out, bf16):
+        # data: (rows, row_bytes) uint8; out: (n, cols) float32 gets rows r0..r0+n
+        if stamp < 0:
+            return
+        for i in range(out.shape[0]):
+            decode_row(qt, data[r0 + i], cols, f16, out[i])
+            if bf16:
+                bits = out[i].view(np.uint32)
+                for j in range(cols):
+                    bits[j] = _bf16_bits(bits[j])
+
+    @njit(cache=True, nogil=True)
+    def rows_f64(data, cols, f16, r0, out):
+        # the same into float64 (the gradient checks): decoded as float32, then widened
+        buf = np.empty(cols, dtype=np.float32)
+        for i in range(out.shape[0]):
+            decode_row(qt, data[r0 + i], cols, f16, buf)
             for j in range(cols):
-                bits[j] = _bf16_bits(bits[j])
+                out[i, j] = buf[j]
 
+    @njit(cache=True, nogil=True)
+    def gather(data, cols, f16, ids, out):
+        buf = np.empty(cols, dtype=np.float32)
+        for i in range(ids.shape[0]):
+            decode_row(qt, data[ids[i]], cols, f16, buf)
+            for j in range(cols):
+                out[i, j] = buf[j]
 
-@njit(cache=True, nogil=True)
-def _decode_rows_f64(data, qtype, cols, f16, r0, out):
-    # the same into float64 (the gradient checks): decoded as float32, then widened
-    buf = np.empty(cols, dtype=np.float32)
-    for i in range(out.shape[0]):
-        dequantize_row(data[r0 + i], qtype, cols, f16, buf)
-        for j in range(cols):
-            out[i, j] = buf[j]
+    return rows_f32, rows_f64, gather
 
 
 def _check(w: QTensor):
-    if w.qtype not in DECODABLE:
+    if not decodable(w.qtype):
         raise ValueError(f"no decoder for block type {GGMLType(w.qtype).name}")
 
 
@@ -105,10 +126,11 @@ def tile_rows(cols: int) -> int:
 def decode_rows(w: QTensor, r0: int, r1: int, out: np.ndarray, bf16: bool = False) -> np.ndarray:
     """Rows r0..r1 of w decoded into out[: r1 - r0] (float32 or float64)."""
     _check(w)
+    rows_f32, rows_f64, _ = _decoders(int(w.qtype))
     if out.dtype == np.float32:
-        _decode_rows_f32(w.data, int(w.qtype), w.cols, F16_TABLE, r0, out[: r1 - r0], bf16)
+        rows_f32(w.data, w.cols, F16_TABLE, r0, out[: r1 - r0], bf16)
     else:
-        _decode_rows_f64(w.data, int(w.qtype), w.cols, F16_TABLE, r0, out[: r1 - r0])
+        rows_f64(w.data, w.cols, F16_TABLE, r0, out[: r1 - r0])
     return out[: r1 - r0]
 
 
@@ -163,19 +185,10 @@ def qmatmul_t(w: QTensor, dy: np.ndarray, bf16: bool = False) -> np.ndarray:
 # -- the embedding lookup -----------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
-def _gather_rows(data, qtype, cols, f16, ids, out):
-    buf = np.empty(cols, dtype=np.float32)
-    for i in range(ids.shape[0]):
-        dequantize_row(data[ids[i]], qtype, cols, f16, buf)
-        for j in range(cols):
-            out[i, j] = buf[j]
-
-
 def gather_rows(w: QTensor, ids, dtype=np.float32) -> np.ndarray:
     """Rows ids of w decoded: (len(ids), cols) in dtype (the serial twin of quants.get_rows)."""
     _check(w)
     ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
     out = np.empty((ids.shape[0], w.cols), dtype=dtype)
-    _gather_rows(w.data, int(w.qtype), w.cols, F16_TABLE, ids, out)
+    _decoders(int(w.qtype))[2](w.data, w.cols, F16_TABLE, ids, out)
     return out

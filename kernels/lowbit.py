@@ -628,15 +628,79 @@ dot_nf4 = _dot_nf4_avx2 if HAS_AVX2 else _dot_nf4_portable
 dot_mxfp4 = _dot_mxfp4_avx2 if HAS_AVX2 else _dot_mxfp4_portable
 
 
+# -- the block-type table's signatures (kernels/blocks.py) ---------------------------------------
+# dot(row, act, t): row . token t of the float activation; quantize_row(x, row, f16).
+# Module-level functions, one per type, so that each has its own place in Numba's cache.
+
+_NO_SUMS = np.zeros(0, dtype=np.float32)
+
+
+@njit(inline="always")
+def table_dot_mxfp4(row, act, t):
+    return dot_mxfp4(row, F16_TABLE, act.xf[t], _NO_SUMS)
+
+
+@njit(inline="always")
+def table_dot_nf4(row, act, t):
+    return dot_nf4(row, F16_TABLE, act.xf[t], _NO_SUMS)
+
+
+@njit(inline="always")
+def table_dot_fp8_e4m3(row, act, t):
+    return dot_fp8_e4m3(row, F16_TABLE, act.xf[t], _NO_SUMS)
+
+
+@njit(inline="always")
+def table_dot_fp8_e5m2(row, act, t):
+    return dot_fp8_e5m2(row, F16_TABLE, act.xf[t], _NO_SUMS)
+
+
+@njit(inline="always")
+def table_dot_fp6_e3m2(row, act, t):
+    return dot_fp6_e3m2(row, F16_TABLE, act.xf[t], _NO_SUMS)
+
+
+@njit(error_model="numpy")
+def row_mxfp4(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        quantize_mxfp4(x[32 * i:32 * i + 32], b[17 * i:17 * i + 17])
+
+
+@njit(error_model="numpy")
+def row_nf4(x, b, f16):
+    for i in range(x.shape[0] // 64):
+        quantize_nf4(x[64 * i:64 * i + 64], b[34 * i:34 * i + 34])
+
+
+@njit(error_model="numpy")
+def row_fp8_e4m3(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        quantize_fp8_e4m3(x[32 * i:32 * i + 32], b[33 * i:33 * i + 33])
+
+
+@njit(error_model="numpy")
+def row_fp8_e5m2(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        quantize_fp8_e5m2(x[32 * i:32 * i + 32], b[33 * i:33 * i + 33])
+
+
+@njit(error_model="numpy")
+def row_fp6_e3m2(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        quantize_fp6_e3m2(x[32 * i:32 * i + 32], b[25 * i:25 * i + 25])
+
+
 # -- the types ------------------------------------------------------------------------------------
 
 class LowbitType:
     """One block type's kernels and facts, as the block-type table needs them."""
 
-    def __init__(self, qtype, decode, dot, quantize, nan_ok, inf_ok, dot_portable=None):
+    def __init__(self, qtype, decode, dot, quantize, nan_ok, inf_ok, dot_portable=None, table_dot=None,
+                 quantize_row=None):
         self.qtype = GGMLType(qtype)
         self.block, self.nbytes = BLOCK_SIZE[self.qtype]
         self.decode, self.dot, self.quantize = decode, dot, quantize
+        self.table_dot, self.quantize_row = table_dot, quantize_row  # the block-type table's kernels
         self.dot_portable = dot_portable or dot  # the dot without SIMD intrinsics
         # whether quantize() takes NaN (stored as a NaN code) and Inf (stored, or saturated)
         self.nan_ok, self.inf_ok = nan_ok, inf_ok
@@ -647,11 +711,15 @@ class LowbitType:
 
 T = GGMLType
 TYPES = {
-    T.MXFP4: LowbitType(T.MXFP4, decode_mxfp4, dot_mxfp4, quantize_mxfp4, False, False, _dot_mxfp4_portable),
-    T.NF4: LowbitType(T.NF4, decode_nf4, dot_nf4, quantize_nf4, False, True, _dot_nf4_portable),
-    T.FP8_E4M3: LowbitType(T.FP8_E4M3, decode_fp8_e4m3, dot_fp8_e4m3, quantize_fp8_e4m3, True, True),
-    T.FP8_E5M2: LowbitType(T.FP8_E5M2, decode_fp8_e5m2, dot_fp8_e5m2, quantize_fp8_e5m2, True, True),
-    T.FP6_E3M2: LowbitType(T.FP6_E3M2, decode_fp6_e3m2, dot_fp6_e3m2, quantize_fp6_e3m2, False, True),
+    T.MXFP4: LowbitType(T.MXFP4, decode_mxfp4, dot_mxfp4, quantize_mxfp4, False, False, _dot_mxfp4_portable,
+                        table_dot_mxfp4, row_mxfp4),
+    T.NF4: LowbitType(T.NF4, decode_nf4, dot_nf4, quantize_nf4, False, True, _dot_nf4_portable, table_dot_nf4, row_nf4),
+    T.FP8_E4M3: LowbitType(T.FP8_E4M3, decode_fp8_e4m3, dot_fp8_e4m3, quantize_fp8_e4m3, True, True, None,
+                           table_dot_fp8_e4m3, row_fp8_e4m3),
+    T.FP8_E5M2: LowbitType(T.FP8_E5M2, decode_fp8_e5m2, dot_fp8_e5m2, quantize_fp8_e5m2, True, True, None,
+                           table_dot_fp8_e5m2, row_fp8_e5m2),
+    T.FP6_E3M2: LowbitType(T.FP6_E3M2, decode_fp6_e3m2, dot_fp6_e3m2, quantize_fp6_e3m2, False, True, None,
+                           table_dot_fp6_e3m2, row_fp6_e3m2),
 }
 
 

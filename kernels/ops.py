@@ -1,11 +1,15 @@
 """The small per-layer kernels of a Llama-family decoder: RMSNorm, RoPE, attention, SwiGLU.
 
-Each works in place or into a preallocated output, so decoding a token allocates nothing.
-Heavy products (the weights) live in kernels/matmul.py.
+Each works in place or into a preallocated output, so decoding a token allocates nothing;
+the compiled step (kernels/forward.py) calls them. Products with the weights live in
+kernels/matmul.py and kernels/dots*.py.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
 
 
 @njit(cache=True, fastmath=True)
@@ -13,10 +17,10 @@ def rmsnorm(x, weight, eps, out):
     """out[i] = x[i] / rms(x[i]) * weight, row by row.  x, out: (n, dim); weight: (dim,)."""
     n, dim = x.shape
     for i in range(n):
-        ss = 0.0
+        ss = np.float32(0.0)
         for j in range(dim):
             ss += x[i, j] * x[i, j]
-        scale = 1.0 / np.sqrt(ss / dim + eps)
+        scale = np.float32(1.0) / np.sqrt(ss / np.float32(dim) + eps)
         for j in range(dim):
             out[i, j] = x[i, j] * scale * weight[j]
 
@@ -76,53 +80,139 @@ def store_kv(k, v, k_cache, v_cache, start_pos):
                 v_cache[h, start_pos + t, d] = v[t, h * head_dim + d]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def attention(q, k_cache, v_cache, start_pos, out):
-    """Causal multi-head attention with grouped K/V heads.
+# The K/V cache is read only through _kv_dot and _kv_axpy: the two places a different storage
+# type (f16, q8_0, ...) would change.
 
-    q, out: (n, n_heads*head_dim), query t sits at position start_pos + t and sees keys
-    0..start_pos+t. k_cache, v_cache: (n_kv, n_ctx, head_dim); query head h reads kv head
-    h // (n_heads / n_kv). Parallel over (query, head) pairs so decode (n=1) still spreads
-    its heads over the threads.
-    """
-    n = q.shape[0]
-    n_kv, n_ctx, head_dim = k_cache.shape
-    n_heads = q.shape[1] // head_dim
-    group = n_heads // n_kv
-    scale = 1.0 / np.sqrt(head_dim)
-    for job in prange(n * n_heads):
-        t = job // n_heads
-        h = job % n_heads
-        kvh = h // group
-        n_keys = start_pos + t + 1
-        qh = q[t, h * head_dim : (h + 1) * head_dim]
-        scores = np.empty(n_keys, dtype=np.float32)  # (n_keys,)
+
+@njit(inline="always", fastmath=True)
+def _kv_dot(cache, g, j, q, qo, head_dim):
+    """q[qo:qo + head_dim] . K row j of kv head g."""
+    s = np.float32(0.0)
+    for d in range(head_dim):
+        s += q[qo + d] * cache[g, j, d]
+    return s
+
+
+@njit(inline="always", fastmath=True)
+def _kv_axpy(cache, g, j, w, acc, hh, head_dim):
+    """acc[hh] += w * V row j of kv head g."""
+    for d in range(head_dim):
+        acc[hh, d] += w * cache[g, j, d]
+
+
+@njit(inline="always", fastmath=True)
+def _attend(y, q_col, k_cache, v_cache, g, t, start, group, sc, acc, out):
+    """Query t (position start + t) against keys 0..start+t of kv head g, for the `group`
+    query heads that share it: each K and V row is read once for all of them."""
+    head_dim = k_cache.shape[2]
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    q = y[t]
+    n_keys = start + t + 1
+    for j in range(n_keys):
+        for hh in range(group):
+            sc[hh, j] = _kv_dot(k_cache, g, j, q, q_col + (g * group + hh) * head_dim, head_dim) * scale
+    for hh in range(group):  # softmax of each head's scores
         best = -np.inf
         for j in range(n_keys):
-            s = 0.0
-            for d in range(head_dim):
-                s += qh[d] * k_cache[kvh, j, d]
-            s *= scale
-            scores[j] = s
-            best = max(best, s)
-        total = 0.0
+            best = max(best, sc[hh, j])
+        total = np.float32(0.0)
         for j in range(n_keys):
-            e = np.exp(scores[j] - best)
-            scores[j] = e
+            e = np.exp(sc[hh, j] - best)
+            sc[hh, j] = e
             total += e
-        acc = np.zeros(head_dim, dtype=np.float32)  # (head_dim,)
+        inv = np.float32(1.0) / total
         for j in range(n_keys):
-            w = scores[j] / total
-            for d in range(head_dim):
-                acc[d] += w * v_cache[kvh, j, d]
-        out[t, h * head_dim : (h + 1) * head_dim] = acc
+            sc[hh, j] *= inv
+        for d in range(head_dim):
+            acc[hh, d] = np.float32(0.0)
+    for j in range(n_keys):
+        for hh in range(group):
+            _kv_axpy(v_cache, g, j, sc[hh, j], acc, hh, head_dim)
+    for hh in range(group):
+        o = (g * group + hh) * head_dim
+        for d in range(head_dim):
+            out[t, o + d] = acc[hh, d]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    """Causal multi-head attention with grouped K/V heads, allocation-free.
+
+    Queries: y[t, q_col:q_col + n_heads*head_dim] for t < n, query t at position
+    start_pos + t, seeing keys 0..start_pos+t. k_cache, v_cache: (n_kv, n_ctx, head_dim); query
+    head h reads kv head h // (n_heads / n_kv). out: (>= n, n_heads*head_dim). scores
+    (threads, group, n_ctx) and accs (threads, group, head_dim) are per-thread scratch.
+    A job is one kv head and a pair of queries (t, n-1-t): the jobs, split evenly over the
+    threads, then have even numbers of keys; for one token the kv heads spread over them.
+    """
+    n_kv, _, head_dim = k_cache.shape
+    group = out.shape[1] // head_dim // n_kv
+    for job in prange((n + 1) // 2 * n_kv):
+        g, t = job % n_kv, job // n_kv
+        tid = numba.get_thread_id()
+        _attend(y, q_col, k_cache, v_cache, g, t, start_pos, group, scores[tid], accs[tid], out)
+        if n - 1 - t != t:
+            _attend(y, q_col, k_cache, v_cache, g, n - 1 - t, start_pos, group, scores[tid], accs[tid], out)
 
 
 @njit(cache=True, fastmath=True)
-def silu_mul(gate, up):
-    """gate = silu(gate) * up, in place: the SwiGLU of the feed-forward block.  (n, hidden)"""
-    n, m = gate.shape
-    for i in range(n):
-        for j in range(m):
-            g = gate[i, j]
-            gate[i, j] = g / (1.0 + np.exp(-g)) * up[i, j]
+def silu_mul(y, n, gate_col, up_col, width, out):
+    """out[t] = silu(gate) * up, the SwiGLU of the feed-forward block, for gate and up in
+    columns gate_col, up_col (width each) of y's first n rows.  out: (>= n, width)"""
+    for t in range(n):
+        for j in range(width):
+            g = y[t, gate_col + j]
+            out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * y[t, up_col + j]
+
+
+def attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    """attention() with the kernels of level isa (a compile-time constant, kernels/cpu.py):
+    the AVX2 version (kernels/ops_avx2.py) from that level on, which needs head_dim % 8 == 0
+    (the caller passes PORTABLE otherwise), else the portable one. Only one is compiled."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(attention_at, prefer_literal=True)
+def _attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    if not isinstance(isa, types.IntegerLiteral):
+        return None
+    from pyllm.kernels.cpu import AVX2, isa_supported
+
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import attention as fast
+
+        def impl(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+            fast(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+        return impl
+
+    def portable(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+        attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+    return portable
+
+
+def silu_mul_at(isa, y, n, gate_col, up_col, width, out):
+    """silu_mul() with the kernels of level isa (AVX2: eight-wide exp; needs width % 8 == 0,
+    the caller passes PORTABLE otherwise)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(silu_mul_at, prefer_literal=True)
+def _silu_mul_at(isa, y, n, gate_col, up_col, width, out):
+    if not isinstance(isa, types.IntegerLiteral):
+        return None
+    from pyllm.kernels.cpu import AVX2, isa_supported
+
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import silu_mul as fast
+
+        def impl(isa, y, n, gate_col, up_col, width, out):
+            fast(y, n, gate_col, up_col, width, out)
+
+        return impl
+
+    def portable(isa, y, n, gate_col, up_col, width, out):
+        silu_mul(y, n, gate_col, up_col, width, out)
+
+    return portable

@@ -15,15 +15,18 @@ int or a Python float literal silently widens to float64, so ints are converted 
 and constants are float32 globals. No fastmath (it would allow contraction/reassociation).
 Inputs are expected finite: NaN/inf give whatever the float->int casts give (as in C).
 
-Compilation: one parallel kernel over rows calls a per-row dispatch; all types compile on
-the first call (~25 s of CPU, then cached on disk by cache=True).
+Dispatch: kernels/blocks.py's table names each type's row quantizer (row_<type> below); one
+parallel loop over rows is compiled per type on its first use (then cached on disk).
 """
+
+import functools
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 from pyllm.base import BLOCK_SIZE, GGMLType, row_bytes
+from pyllm.kernels.dispatch import SOURCE_STAMP, quantize_row
 from pyllm.kernels.quants import F16_TABLE
 
 F = np.float32
@@ -674,67 +677,113 @@ def _blk_q8_k(x, b):
         b[k] = np.uint8((v >> (8 * k)) & 0xFF)
 
 
+# -- whole rows, one function per block type (the `quantize_row` of kernels/blocks.py's table) --
+
+
 @_jit
-def _quantize_row(xr, qtype, br, f16):
-    """One row: the dispatch on the block type (kept out of the parallel loop, which then
-    compiles fast)."""
-    cols = xr.shape[0]
-    if qtype == 0:
-        _row_f32(xr, br)
-    elif qtype == 1:
-        _row_f16(xr, br)
-    elif qtype == 30:
-        _row_bf16(xr, br)
-    elif qtype == 2:
-        for i in range(cols // 32):
-            _blk_q4_0(xr[32 * i:32 * i + 32], br[18 * i:18 * i + 18])
-    elif qtype == 3:
-        for i in range(cols // 32):
-            _blk_q4_1(xr[32 * i:32 * i + 32], br[20 * i:20 * i + 20])
-    elif qtype == 6:
-        for i in range(cols // 32):
-            _blk_q5_0(xr[32 * i:32 * i + 32], br[22 * i:22 * i + 22])
-    elif qtype == 7:
-        for i in range(cols // 32):
-            _blk_q5_1(xr[32 * i:32 * i + 32], br[24 * i:24 * i + 24])
-    elif qtype == 8:
-        for i in range(cols // 32):
-            _blk_q8_0(xr[32 * i:32 * i + 32], br[34 * i:34 * i + 34])
-    elif qtype == 15:
-        for i in range(cols // 256):
-            _blk_q8_k(xr[256 * i:256 * i + 256], br[292 * i:292 * i + 292])
-    else:
-        L = np.zeros(256, dtype=np.int64)
-        Laux = np.zeros(32, dtype=np.int64)
-        w = np.zeros(32, dtype=np.float32)
-        scales = np.zeros(16, dtype=np.float32)
-        mins = np.zeros(16, dtype=np.float32)
-        if qtype == 10:
-            for i in range(cols // 256):
-                _blk_q2_k(xr[256 * i:256 * i + 256], br[84 * i:84 * i + 84], f16, L, Laux, w, scales, mins)
-        elif qtype == 11:
-            for i in range(cols // 256):
-                _blk_q3_k(xr[256 * i:256 * i + 256], br[110 * i:110 * i + 110], f16, L, scales)
-        elif qtype == 12:
-            for i in range(cols // 256):
-                _blk_q4_k(xr[256 * i:256 * i + 256], br[144 * i:144 * i + 144], f16, L, Laux, w, scales, mins)
-        elif qtype == 13:
-            for i in range(cols // 256):
-                _blk_q5_k(xr[256 * i:256 * i + 256], br[176 * i:176 * i + 176], f16, L, Laux, w, scales, mins)
-        elif qtype == 14:
-            for i in range(cols // 256):
-                _blk_q6_k(xr[256 * i:256 * i + 256], br[210 * i:210 * i + 210], f16, L, scales)
+def row_f32(x, b, f16):
+    _row_f32(x, b)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_rows(x, qtype, out, f16):
-    for r in prange(x.shape[0]):
-        _quantize_row(x[r], qtype, out[r], f16)
+@_jit
+def row_f16(x, b, f16):
+    _row_f16(x, b)
 
 
-QUANTIZABLE = frozenset(
-    GGMLType[n] for n in "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K".split()
-)
+@_jit
+def row_bf16(x, b, f16):
+    _row_bf16(x, b)
+
+
+@_jit
+def row_q4_0(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        _blk_q4_0(x[32 * i:32 * i + 32], b[18 * i:18 * i + 18])
+
+
+@_jit
+def row_q4_1(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        _blk_q4_1(x[32 * i:32 * i + 32], b[20 * i:20 * i + 20])
+
+
+@_jit
+def row_q5_0(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        _blk_q5_0(x[32 * i:32 * i + 32], b[22 * i:22 * i + 22])
+
+
+@_jit
+def row_q5_1(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        _blk_q5_1(x[32 * i:32 * i + 32], b[24 * i:24 * i + 24])
+
+
+@_jit
+def row_q8_0(x, b, f16):
+    for i in range(x.shape[0] // 32):
+        _blk_q8_0(x[32 * i:32 * i + 32], b[34 * i:34 * i + 34])
+
+
+@_jit
+def row_q8_k(x, b, f16):
+    for i in range(x.shape[0] // 256):
+        _blk_q8_k(x[256 * i:256 * i + 256], b[292 * i:292 * i + 292])
+
+
+@_jit
+def row_q2_k(x, b, f16):
+    L, Laux, w = np.zeros(256, dtype=np.int64), np.zeros(32, dtype=np.int64), np.zeros(32, dtype=np.float32)
+    scales, mins = np.zeros(16, dtype=np.float32), np.zeros(16, dtype=np.float32)
+    for i in range(x.shape[0] // 256):
+        _blk_q2_k(x[256 * i:256 * i + 256], b[84 * i:84 * i + 84], f16, L, Laux, w, scales, mins)
+
+
+@_jit
+def row_q3_k(x, b, f16):
+    L, scales = np.zeros(256, dtype=np.int64), np.zeros(16, dtype=np.float32)
+    for i in range(x.shape[0] // 256):
+        _blk_q3_k(x[256 * i:256 * i + 256], b[110 * i:110 * i + 110], f16, L, scales)
+
+
+@_jit
+def row_q4_k(x, b, f16):
+    L, Laux, w = np.zeros(256, dtype=np.int64), np.zeros(32, dtype=np.int64), np.zeros(32, dtype=np.float32)
+    scales, mins = np.zeros(16, dtype=np.float32), np.zeros(16, dtype=np.float32)
+    for i in range(x.shape[0] // 256):
+        _blk_q4_k(x[256 * i:256 * i + 256], b[144 * i:144 * i + 144], f16, L, Laux, w, scales, mins)
+
+
+@_jit
+def row_q5_k(x, b, f16):
+    L, Laux, w = np.zeros(256, dtype=np.int64), np.zeros(32, dtype=np.int64), np.zeros(32, dtype=np.float32)
+    scales, mins = np.zeros(16, dtype=np.float32), np.zeros(16, dtype=np.float32)
+    for i in range(x.shape[0] // 256):
+        _blk_q5_k(x[256 * i:256 * i + 256], b[176 * i:176 * i + 176], f16, L, Laux, w, scales, mins)
+
+
+@_jit
+def row_q6_k(x, b, f16):
+    L, scales = np.zeros(256, dtype=np.int64), np.zeros(16, dtype=np.float32)
+    for i in range(x.shape[0] // 256):
+        _blk_q6_k(x[256 * i:256 * i + 256], b[210 * i:210 * i + 210], f16, L, scales)
+
+
+@functools.cache
+def _rows_quantizer(qt: int):
+    """The parallel loop over rows for one block type, compiled on first use (only the types
+    a model or a quantization run needs)."""
+
+    stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
+
+    @njit(cache=True, parallel=True, error_model="numpy")
+    def quantize_rows(x, out, f16):
+        if stamp < 0:
+            return
+        for r in prange(x.shape[0]):
+            quantize_row(qt, x[r], out[r], f16)
+
+    return quantize_rows
 
 
 def quantize(x: np.ndarray, qtype) -> np.ndarray:
@@ -744,8 +793,11 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     Returns uint8 (rows, row_bytes(qtype, cols)) (the leading shape of x kept).
     Raises ValueError when cols is not a multiple of the block size or qtype has no quantizer.
     """
+    from pyllm.kernels.blocks import block_type
+
     qtype = GGMLType(int(qtype))
-    if qtype not in QUANTIZABLE:
+    bt = block_type(qtype)
+    if bt.quantize_row is None:
         raise ValueError(f"no quantizer for block type {qtype.name}")
     x = np.asarray(x)
     if x.ndim == 0:
@@ -753,10 +805,12 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     cols = x.shape[-1]
     rb = row_bytes(qtype, cols)  # raises ValueError when cols is not a block multiple
     x2 = np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32)
+    if bt.check is not None:
+        bt.check(x2, qtype)
     out = np.empty((x2.shape[0], rb), dtype=np.uint8)
     if x2.size:
-        _quantize_rows(x2, int(qtype), out, F16_TABLE)
+        _rows_quantizer(int(qtype))(x2, out, F16_TABLE)
     return out.reshape(*x.shape[:-1], rb)
 
 
-__all__ = ["quantize", "QUANTIZABLE", "BLOCK_SIZE", "f32_to_f16", "nearest_int"]
+__all__ = ["quantize", "BLOCK_SIZE", "f32_to_f16", "nearest_int"]

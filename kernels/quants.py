@@ -5,11 +5,14 @@ blocks of type_size bytes (pyllm.base.BLOCK_SIZE). We keep it as a 2-D uint8 vie
 the memory map, so nothing is dequantized at load time.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 from pyllm.base import GGMLType
+from pyllm.kernels.dispatch import SOURCE_STAMP, decode_row
+from pyllm.kernels.simd import f32_from_bits
 
 
 @dataclass
@@ -40,36 +43,38 @@ F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float
 
 
 @njit(inline="always")
-def _f16(b, i, f16):
+def half(b, i, f16):
+    """The IEEE half at bytes b[i], b[i+1] as float32 (f16: F16_TABLE)."""
     return f16[np.int64(b[i]) | (np.int64(b[i + 1]) << 8)]
 
 
 @njit(inline="always")
-def _dq_q4_0(b, out, f16):  # d:f16 qs[16]; element j<16 is the low nibble of qs[j]
-    d = _f16(b, 0, f16)
+def decode_q4_0(b, out, f16):  # d:f16 qs[16]; element j<16 is the low nibble of qs[j]
+    d = half(b, 0, f16)
     for j in range(16):
         out[j] = d * np.float32(np.int32(b[2 + j] & 15) - 8)
         out[j + 16] = d * np.float32(np.int32(b[2 + j] >> 4) - 8)
 
 
 @njit(inline="always")
-def _dq_q4_1(b, out, f16):  # d:f16 m:f16 qs[16]
-    d = _f16(b, 0, f16)
-    m = _f16(b, 2, f16)
+def decode_q4_1(b, out, f16):  # d:f16 m:f16 qs[16]
+    d = half(b, 0, f16)
+    m = half(b, 2, f16)
     for j in range(16):
         out[j] = d * np.float32(b[4 + j] & 15) + m
         out[j + 16] = d * np.float32(b[4 + j] >> 4) + m
 
 
 @njit(inline="always")
-def _qh32(b, i):
+def u32_at(b, i):
+    """The little-endian uint32 at bytes b[i:i+4]."""
     return np.uint32(b[i]) | (np.uint32(b[i + 1]) << 8) | (np.uint32(b[i + 2]) << 16) | (np.uint32(b[i + 3]) << 24)
 
 
 @njit(inline="always")
-def _dq_q5_0(b, out, f16):  # d:f16 qh:u32 qs[16]; bit j of qh is bit 4 of element j
-    d = _f16(b, 0, f16)
-    qh = _qh32(b, 2)
+def decode_q5_0(b, out, f16):  # d:f16 qh:u32 qs[16]; bit j of qh is bit 4 of element j
+    d = half(b, 0, f16)
+    qh = u32_at(b, 2)
     for j in range(16):
         lo = np.int32(b[6 + j] & 15) | np.int32(((qh >> j) & 1) << 4)
         hi = np.int32(b[6 + j] >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
@@ -78,10 +83,10 @@ def _dq_q5_0(b, out, f16):  # d:f16 qh:u32 qs[16]; bit j of qh is bit 4 of eleme
 
 
 @njit(inline="always")
-def _dq_q5_1(b, out, f16):  # d:f16 m:f16 qh:u32 qs[16]
-    d = _f16(b, 0, f16)
-    m = _f16(b, 2, f16)
-    qh = _qh32(b, 4)
+def decode_q5_1(b, out, f16):  # d:f16 m:f16 qh:u32 qs[16]
+    d = half(b, 0, f16)
+    m = half(b, 2, f16)
+    qh = u32_at(b, 4)
     for j in range(16):
         lo = np.int32(b[8 + j] & 15) | np.int32(((qh >> j) & 1) << 4)
         hi = np.int32(b[8 + j] >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
@@ -90,18 +95,18 @@ def _dq_q5_1(b, out, f16):  # d:f16 m:f16 qh:u32 qs[16]
 
 
 @njit(inline="always")
-def _dq_q8_0(b, out, f16):  # d:f16 qs:int8[32]
-    d = _f16(b, 0, f16)
+def decode_q8_0(b, out, f16):  # d:f16 qs:int8[32]
+    d = half(b, 0, f16)
     for j in range(32):
         out[j] = np.float32(np.int8(b[2 + j])) * d
 
 
 @njit(inline="always")
-def _dq_q2_k(b, out, f16):
+def decode_q2_k(b, out, f16):
     # scales[16] (low nibble: scale, high: min) qs[64] d:f16 dmin:f16.
     # Element e = 128h + 32s + l holds bits 2s..2s+1 of qs[32h + l]; e // 16 picks the scale.
-    d = _f16(b, 80, f16)
-    dmin = _f16(b, 82, f16)
+    d = half(b, 80, f16)
+    dmin = half(b, 82, f16)
     for h in range(2):
         for s in range(4):
             for l in range(32):
@@ -113,11 +118,11 @@ def _dq_q2_k(b, out, f16):
 
 
 @njit(inline="always")
-def _dq_q3_k(b, out, f16):
+def decode_q3_k(b, out, f16):
     # hmask[32] qs[64] scales[12] d:f16. 16 six-bit scales: low 4 bits from bytes 0..7
     # (nibble i // 8), high 2 bits from bytes 8..11 (pair i // 4). The high bit of the 3-bit
     # quant is bit (e // 32) of hmask[e % 32]; when it is clear, 4 is subtracted.
-    d = _f16(b, 108, f16)
+    d = half(b, 108, f16)
     for h in range(2):
         for s in range(4):
             for l in range(32):
@@ -134,7 +139,7 @@ def _dq_q3_k(b, out, f16):
 
 
 @njit(inline="always")
-def _scale_min_k4(b, j):
+def scale_min_k4(b, j):
     """Six-bit scale and min of sub-block j (0..7) from the 12 packed bytes at b[4:16]."""
     if j < 4:
         sc = b[4 + j] & 63
@@ -146,12 +151,12 @@ def _scale_min_k4(b, j):
 
 
 @njit(inline="always")
-def _dq_q4_k(b, out, f16):
+def decode_q4_k(b, out, f16):
     # d:f16 dmin:f16 scales[12] qs[128]; sub-block j = 2c + k takes nibble k of qs[32c + l].
-    d = _f16(b, 0, f16)
-    dmin = _f16(b, 2, f16)
+    d = half(b, 0, f16)
+    dmin = half(b, 2, f16)
     for j in range(8):
-        sc, m = _scale_min_k4(b, j)
+        sc, m = scale_min_k4(b, j)
         dl = d * np.float32(sc)
         ml = dmin * np.float32(m)
         c, k = j // 2, j % 2
@@ -160,12 +165,12 @@ def _dq_q4_k(b, out, f16):
 
 
 @njit(inline="always")
-def _dq_q5_k(b, out, f16):
+def decode_q5_k(b, out, f16):
     # d dmin scales[12] qh[32] qs[128]; bit 4 of sub-block j's quants is bit j of qh[l].
-    d = _f16(b, 0, f16)
-    dmin = _f16(b, 2, f16)
+    d = half(b, 0, f16)
+    dmin = half(b, 2, f16)
     for j in range(8):
-        sc, m = _scale_min_k4(b, j)
+        sc, m = scale_min_k4(b, j)
         dl = d * np.float32(sc)
         ml = dmin * np.float32(m)
         c, k = j // 2, j % 2
@@ -175,10 +180,10 @@ def _dq_q5_k(b, out, f16):
 
 
 @njit(inline="always")
-def _dq_q6_k(b, out, f16):
+def decode_q6_k(b, out, f16):
     # ql[128] qh[64] scales:int8[16] d:f16. Element e = 128h + 64k + m (m < 64) has its low
     # nibble k of ql[64h + m]; e = 128h + 32s + l has its top 2 bits at 2s of qh[32h + l].
-    d = _f16(b, 208, f16)
+    d = half(b, 208, f16)
     for h in range(2):
         for s in range(4):
             for l in range(32):
@@ -192,69 +197,50 @@ def _dq_q6_k(b, out, f16):
 
 
 @njit(inline="always")
-def dequantize_row(row, qtype, cols, f16, out):
-    """Decode one row of raw blocks (uint8) into out[:cols] (float32)."""
-    if qtype == 0:  # F32
-        for j in range(cols):
-            out[j] = row[4 * j:4 * j + 4].view(np.float32)[0]
-    elif qtype == 1:  # F16
-        for j in range(cols):
-            out[j] = _f16(row, 2 * j, f16)
-    elif qtype == 30:  # BF16: the top half of a float32
-        for j in range(cols):
-            bits = (np.uint32(row[2 * j]) | (np.uint32(row[2 * j + 1]) << 8)) << 16
-            out[j] = np.array([bits], dtype=np.uint32).view(np.float32)[0]
-    elif qtype == 2:
-        for i in range(cols // 32):
-            _dq_q4_0(row[18 * i:18 * i + 18], out[32 * i:32 * i + 32], f16)
-    elif qtype == 3:
-        for i in range(cols // 32):
-            _dq_q4_1(row[20 * i:20 * i + 20], out[32 * i:32 * i + 32], f16)
-    elif qtype == 6:
-        for i in range(cols // 32):
-            _dq_q5_0(row[22 * i:22 * i + 22], out[32 * i:32 * i + 32], f16)
-    elif qtype == 7:
-        for i in range(cols // 32):
-            _dq_q5_1(row[24 * i:24 * i + 24], out[32 * i:32 * i + 32], f16)
-    elif qtype == 8:
-        for i in range(cols // 32):
-            _dq_q8_0(row[34 * i:34 * i + 34], out[32 * i:32 * i + 32], f16)
-    elif qtype == 10:
-        for i in range(cols // 256):
-            _dq_q2_k(row[84 * i:84 * i + 84], out[256 * i:256 * i + 256], f16)
-    elif qtype == 11:
-        for i in range(cols // 256):
-            _dq_q3_k(row[110 * i:110 * i + 110], out[256 * i:256 * i + 256], f16)
-    elif qtype == 12:
-        for i in range(cols // 256):
-            _dq_q4_k(row[144 * i:144 * i + 144], out[256 * i:256 * i + 256], f16)
-    elif qtype == 13:
-        for i in range(cols // 256):
-            _dq_q5_k(row[176 * i:176 * i + 176], out[256 * i:256 * i + 256], f16)
-    elif qtype == 14:
-        for i in range(cols // 256):
-            _dq_q6_k(row[210 * i:210 * i + 210], out[256 * i:256 * i + 256], f16)
+def decode_f32(b, out, f16):  # one float32 element
+    out[0] = b.view(np.float32)[0]
 
 
-DECODABLE = frozenset(
-    GGMLType[n] for n in "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
-)
+@njit(inline="always")
+def decode_f16(b, out, f16):  # one IEEE half element
+    out[0] = half(b, 0, f16)
 
 
-@njit(cache=True, parallel=True)
-def _dequantize_rows(data, ids, qtype, cols, f16, out):
-    for i in prange(ids.shape[0]):
-        dequantize_row(data[ids[i]], qtype, cols, f16, out[i])
+@njit(inline="always")
+def decode_bf16(b, out, f16):  # one bfloat16 element: the top half of a float32
+    out[0] = f32_from_bits((np.uint32(b[0]) | (np.uint32(b[1]) << 8)) << 16)
+
+
+# -- whole rows: dispatch through the block-type table (kernels/blocks.py) ----------------
+
+
+@functools.cache
+def _rows_decoder(qt: int):
+    """get_rows for one block type: compiled (or loaded from the cache) on first use, so a
+    model compiles only the decoders of the types it has."""
+
+    stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
+
+    @njit(cache=True, parallel=True)
+    def decode_rows(data, ids, cols, f16, out):
+        if stamp < 0:
+            return
+        for i in prange(ids.shape[0]):
+            decode_row(qt, data[ids[i]], cols, f16, out[i])
+
+    return decode_rows
 
 
 def _check(t: QTensor):
-    if t.qtype not in DECODABLE:
+    from pyllm.kernels.blocks import BLOCKS
+
+    bt = BLOCKS.get(int(t.qtype))
+    if bt is None or bt.decode is None:
         raise ValueError(f"no decoder for block type {GGMLType(t.qtype).name}")
 
 
 def dequantize(t: QTensor) -> np.ndarray:
     """All rows of t as float32: (rows, cols)."""
-    _check(t)
     return get_rows(t, np.arange(t.rows))
 
 
@@ -263,5 +249,5 @@ def get_rows(t: QTensor, ids) -> np.ndarray:
     _check(t)
     ids = np.asarray(ids, dtype=np.int64)
     out = np.empty((ids.shape[0], t.cols), dtype=np.float32)
-    _dequantize_rows(t.data, ids, int(t.qtype), t.cols, F16_TABLE, out)
+    _rows_decoder(int(t.qtype))(t.data, ids, t.cols, F16_TABLE, out)
     return out

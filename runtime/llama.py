@@ -1,18 +1,17 @@
 """The Llama-family decoder (llama, Llama-3, SmolLM, TinyLlama, llama2.c, mistral, qwen2).
 
 Weights stay as raw GGUF blocks in the memory map; every product reads them directly.
-The KV cache is preallocated for n_ctx positions. A prompt is evaluated as one batch
-(matrix-matrix products), then each new token alone (matrix-vector products).
+The KV cache is preallocated for n_ctx positions. The network itself runs in one compiled
+call per batch of tokens (kernels/forward.py: the prompt in batches, then each new token
+alone), with activations quantized to int8 for the products as llama.cpp does.
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
 from pyllm.base import PyllmError
-from pyllm.kernels import ops
-from pyllm.kernels.matmul import linear
-from pyllm.kernels.quants import QTensor, get_rows
-from pyllm.runtime import lora
+from pyllm.kernels.forward import Decoder
+from pyllm.kernels.quants import QTensor
 from pyllm.runtime.gguf_file import GGUFFile
 from pyllm.runtime.rope import SCALING_TYPES, RopeScaling, rope_tables
 
@@ -221,7 +220,6 @@ class Layer:
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
     bo: np.ndarray | None = None  # attn_output.bias  (hidden,)
-    lora: dict = field(default_factory=dict)  # "attn_q", ... -> [(A, B, scale)]: see runtime/lora.py
 
 
 @dataclass
@@ -242,7 +240,8 @@ class Model:
     v_cache: np.ndarray = field(repr=False, default=None)
     tokens: list = field(default_factory=list)
     n_evaluated: int = 0  # tokens run through the network since load (for stats and tests)
-    output_lora: list = field(default_factory=list)  # [(A, B, scale)] on the output layer
+    lora: dict = field(default_factory=dict)  # {base tensor name: [(A, B, scale)]}: runtime/lora.py
+    _decoder: Decoder = field(repr=False, default=None)
 
     @property
     def metadata(self) -> dict:
@@ -361,44 +360,37 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= a.vocab_size:
             raise PyllmError(f"token id out of range 0..{a.vocab_size - 1}")
-        hd, eps = a.head_dim, a.rms_norm_eps
-        x = get_rows(self.token_embd, ids)  # (n, hidden)
-        h = np.empty_like(x)  # (n, hidden)
-        attn = np.empty((n, a.num_attention_heads * hd), dtype=np.float32)  # (n, n_heads*head_dim)
-        for li, L in enumerate(self.layers):
-            ops.rmsnorm(x, L.attn_norm, eps, h)
-            q = lora.apply(linear(L.wq, h), h, L.lora.get("attn_q"))  # (n, n_heads*head_dim)
-            k = lora.apply(linear(L.wk, h), h, L.lora.get("attn_k"))  # (n, n_kv*head_dim)
-            v = lora.apply(linear(L.wv, h), h, L.lora.get("attn_v"))  # (n, n_kv*head_dim)
-            if L.bq is not None:
-                q += L.bq
-                k += L.bk
-                v += L.bv
-            ops.rope(q, a.num_attention_heads, hd, a.rope_dim, start, self.rope_cos, self.rope_sin, a.rope_neox)
-            ops.rope(k, a.num_key_value_heads, hd, a.rope_dim, start, self.rope_cos, self.rope_sin, a.rope_neox)
-            ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], start)
-            ops.attention(q, self.k_cache[li], self.v_cache[li], start, attn)
-            x += lora.apply(linear(L.wo, attn), attn, L.lora.get("attn_output"))
-            if L.bo is not None:
-                x += L.bo
-            ops.rmsnorm(x, L.ffn_norm, eps, h)
-            gate = lora.apply(linear(L.w_gate, h), h, L.lora.get("ffn_gate"))  # (n, intermediate)
-            ops.silu_mul(gate, lora.apply(linear(L.w_up, h), h, L.lora.get("ffn_up")))
-            x += lora.apply(linear(L.w_down, gate), gate, L.lora.get("ffn_down"))
+        logits = self.decoder(ids, start, all_logits)  # (n or 1, vocab)
         self.tokens.extend(int(i) for i in ids)
         self.n_evaluated += n
-        x = x if all_logits else x[-1:]
-        out = np.empty_like(x)
-        ops.rmsnorm(x, self.output_norm, eps, out)
-        return lora.apply(linear(self.output, out), out, self.output_lora)  # (n or 1, vocab)
+        return logits
+
+    @property
+    def decoder(self) -> Decoder:
+        """The model packed for the compiled step (kernels/forward.py), built on first use."""
+        if self._decoder is None:
+            a = self.args
+            layers = [
+                {"attn_norm": L.attn_norm, "wq": L.wq, "wk": L.wk, "wv": L.wv, "wo": L.wo, "ffn_norm": L.ffn_norm,
+                 "w_gate": L.w_gate, "w_up": L.w_up, "w_down": L.w_down, "bq": L.bq, "bk": L.bk, "bv": L.bv,
+                 "bo": L.bo}
+                for L in self.layers
+            ]
+            self._decoder = Decoder(
+                token_embd=self.token_embd, layers=layers, output_norm=self.output_norm, output=self.output,
+                eps=a.rms_norm_eps, n_heads=a.num_attention_heads, n_kv=a.num_key_value_heads, head_dim=a.head_dim,
+                rope_dim=a.rope_dim, neox=a.rope_neox, cos=self.rope_cos, sin=self.rope_sin,
+                k_cache=self.k_cache, v_cache=self.v_cache,
+            )
+            self._decoder.set_lora(self.lora)
+        return self._decoder
 
     def set_lora(self, deltas: dict):
         """Apply LoRA adapters: {base tensor name: [(A, B, scale)]} (runtime/lora.py
         load_adapters); {} removes them. The cache is dropped: its K/V came from other weights."""
-        for i, L in enumerate(self.layers):
-            prefix = f"blk.{i}."
-            L.lora = {n[len(prefix):-len(".weight")]: d for n, d in deltas.items() if n.startswith(prefix)}
-        self.output_lora = list(deltas.get("output.weight", []))
+        self.lora = dict(deltas)
+        if self._decoder is not None:
+            self._decoder.set_lora(self.lora)
         self.reset()
 
     def eval(self, ids, all_logits: bool = False) -> np.ndarray:
@@ -407,14 +399,11 @@ class Model:
         logits = self._forward(ids, all_logits)
         return logits if all_logits else logits[0]
 
-    def warmup(self):
-        """Compile (or load from Numba's cache) the batch and the one-token kernels now,
-        so that first-token latency measures the model, not the JIT."""
-        from pyllm.kernels.matmul import BATCH_MIN
-
-        if self.n_ctx > BATCH_MIN:
-            self.logits([0] * BATCH_MIN)  # the batch kernels
-            self.eval([0])  # the one-token kernels
+    def warmup(self, progress=None):
+        """Compile (or load from Numba's cache) the model's step now, so that first-token
+        latency measures the model, not the JIT. progress(message) is called when the
+        kernels are really being compiled (an empty cache: first run only)."""
+        self.decoder.compile(progress)
         self.reset()
         self.n_evaluated = 0
 

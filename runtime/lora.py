@@ -41,7 +41,7 @@ class LoraAdapter:
 
 def read_adapter(path) -> LoraAdapter:
     """An adapter GGUF, validated on its own (its pairs and shapes); see check_base."""
-    from pyllm.kernels.quants import DECODABLE
+    from pyllm.kernels.blocks import decodable
     from pyllm.runtime.gguf_file import GGUFFile
 
     g = GGUFFile(path)
@@ -60,7 +60,7 @@ def read_adapter(path) -> LoraAdapter:
         if not m:
             raise PyllmError(f"{g.path}: tensor {name!r} is not a .lora_a/.lora_b tensor "
                              "(only LoRA pairs are supported)")
-        if info.qtype not in DECODABLE or len(info.dims) != 2:
+        if not decodable(info.qtype) or len(info.dims) != 2:
             raise PyllmError(f"{g.path}: tensor {name} must be a 2-D matrix of a supported type")
         pairs.setdefault(m.group(1), {})[m.group(2)] = g.array(name)  # numpy order, float32
     adapter = LoraAdapter(Path(path), arch, float(meta.get("adapter.lora.alpha", 0.0)))

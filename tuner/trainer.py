@@ -253,7 +253,7 @@ class Trainer:
 
     def _load(self):
         """Everything that can fail on bad input, before any file is written."""
-        from pyllm.kernels.quants import DECODABLE
+        from pyllm.kernels.blocks import decodable
         from pyllm.runtime.chat_template import ChatTemplate
         from pyllm.runtime.gguf_file import GGUFFile
         from pyllm.runtime.llama import Model
@@ -283,7 +283,7 @@ class Trainer:
             raise PyllmError(f"--seq-len {cfg.seq_len} exceeds the model's context length {ctx}")
         base = Model.from_gguf(gguf, tokenizer, cfg.seq_len)
         for name, info in gguf.tensors.items():
-            if info.qtype not in DECODABLE and len(info.dims) >= 2:
+            if not decodable(info.qtype) and len(info.dims) >= 2:
                 raise PyllmError(f"{gguf.path}: tensor {name} has block type {info.qtype.name}, which the trainer "
                                  "cannot read")
         template = None

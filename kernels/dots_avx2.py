@@ -1,0 +1,811 @@
+"""AVX2 product kernels (vpmaddubsw, vpmaddwd, vcvtph2ps, FMA) for every block type.
+
+Each mm_<type>(w, r0, r1, act, t0, t1, out, oc) fills out[t, oc + r] = row r of w . token t
+of act for r0 <= r < r1, t0 <= t < t1, in tiles: four tokens at a time share each decoded weight block
+(prefill, small batches), then one token at a time (decode). Tokens go in blocks of 32 (their
+activations fit L2), rows inside a block (a row stays in L1 while the token tiles pass).
+
+The integer work follows llama.cpp's x86 kernels (ggml-cpu/arch/x86/quants.c):
+- 8-bit products: vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16,
+  vpmaddwd adds pairs again (or multiplies by a sub-block scale) into int32 lanes. Signed
+  weights go through vpsignb: |w| * (y * sign(w)), llama.cpp's mul_sum_i8_pairs_float.
+- Per block: float lanes accumulate d * float(int lanes) with an FMA; one horizontal sum per
+  row and token at the end.
+- K-quants keep the sub-block-scaled sums in int32 lanes over a whole 256-element super-block;
+  the mins (and Q6_K/Q3_K's offsets) meet the activation's 16-element sums (Q8_K bsums) in
+  one vpmaddwd.
+
+No intermediate int16 sum can saturate: |pair| <= 2 * 128 * 127 (Q8_0), 2 * 63 * 127 (Q6_K).
+The per-lane integer sums equal the portable kernels' (kernels/dots.py) block sums exactly;
+the floats differ by rounding (another summation order).
+
+These need AVX2, FMA and F16C (kernels/cpu.py: AVX2); the *_vnni variants replace
+vpmaddubsw + vpmaddwd by one vpdpbusd and need AVX-512 VNNI (AVX512VNNI). kernels/blocks.py
+only hands a kernel out on a host that has its instructions.
+"""
+
+import numpy as np
+from numba import njit
+from pyllm.kernels.quants import u32_at
+from pyllm.kernels.simd import (
+    bcast4,
+    bits_to_bytes,
+    cvt_f32,
+    dpbusd,
+    f16_at,
+    f32_from_bits,
+    fmadd,
+    hsum_f32,
+    lanes_i16,
+    load_bf16x8,
+    load_f16x8,
+    load_f32x8,
+    load_i8x16_as_i16,
+    load_i8x32,
+    load_i16x16,
+    load_nibbles,
+    load_u8x16_as_i16,
+    madd,
+    maddubs,
+    pairs_i16,
+    sign,
+    splat_f32,
+    splat_i8,
+    splat_i16,
+    splat_i32,
+    store_f32x8,
+    u32x4_as_i16,
+    vadd,
+    vand,
+    vmul,
+    vor,
+    vshl,
+    vshr,
+    vsub,
+    zero_f32,
+    zero_i16,
+    zero_i32,
+)
+
+# -- shared pieces --------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _dot_u8s8(u, s):
+    """int32 lanes: sums of 4 products of unsigned bytes u and signed bytes s."""
+    return madd(maddubs(u, s), splat_i16(1))
+
+
+@njit(inline="always")
+def _dot_u8s8_vnni(u, s):
+    """The same in one vpdpbusd (AVX-512 VNNI); equal, as no int16 sum here saturates."""
+    return dpbusd(zero_i32(), u, s)
+
+
+TOKEN_BLOCK = 32  # tokens whose activations (32 x 6 KB of floats at most here) share L2
+
+
+def _tiled(x1, x4):
+    """The rows x tokens loop around a type's one-token and four-token row kernels."""
+
+    @njit(fastmath=True)
+    def mm(w, r0, r1, act, t0, t1, out, oc):
+        for b0 in range(t0, t1, TOKEN_BLOCK):  # a block of tokens stays in L2 ...
+            b1 = min(b0 + TOKEN_BLOCK, t1)
+            for r in range(r0, r1):  # ... and a row in L1 while its token tiles pass
+                t = b0
+                while t + 4 <= b1:
+                    x4(w[r], act, t, out, oc + r)
+                    t += 4
+                while t < b1:
+                    out[t, oc + r] = x1(w[r], act, t)
+                    t += 1
+
+    return mm
+
+
+# -- Q8_0 x Q8_0, Q4_0 x Q8_0, Q5_0 x Q8_0: signed quants, one f16 scale per 32 --------------
+
+
+@njit(inline="always")
+def _q8_0_quants(row, o):
+    return load_i8x32(row, o + 2)
+
+
+@njit(inline="always")
+def _q4_0_quants(row, o):
+    return vsub(load_nibbles(row, o + 2), splat_i8(8))
+
+
+@njit(inline="always")
+def _q5_0_quants(row, o):
+    # nibble | 0xF0 where the fifth bit is clear: the signed value q - 16 in one byte
+    clear = vadd(bits_to_bytes(u32_at(row, o + 2)), splat_i8(1))  # 1 where clear, 0 where set
+    hi = vand(vsub(splat_i8(0), clear), splat_i8(-16))
+    return vor(load_nibbles(row, o + 6), hi)
+
+
+def _signed32(size, quants, dot_u8s8):
+    """Kernels for a signed block type of `size` bytes per 32 weights, scale f16 at offset 0;
+    signed x signed goes through vpsignb: |w| . (y * sign(w))."""
+
+    @njit(inline="always", fastmath=True)
+    def x1(row, act, t):
+        y, dy = act.q8[t], act.d8[t]
+        nb = row.shape[0] // size
+        acc0 = zero_f32()
+        acc1 = zero_f32()
+        b = 0
+        while b + 2 <= nb:  # two chains of FMAs, so their latency overlaps
+            o = size * b
+            q0, q1 = quants(row, o), quants(row, o + size)
+            p0 = cvt_f32(dot_u8s8(sign(q0, q0), sign(load_i8x32(y, 32 * b), q0)))
+            acc0 = fmadd(splat_f32(f16_at(row, o) * dy[b]), p0, acc0)
+            p1 = cvt_f32(dot_u8s8(sign(q1, q1), sign(load_i8x32(y, 32 * b + 32), q1)))
+            acc1 = fmadd(splat_f32(f16_at(row, o + size) * dy[b + 1]), p1, acc1)
+            b += 2
+        if b < nb:
+            o = size * b
+            q0 = quants(row, o)
+            p0 = cvt_f32(dot_u8s8(sign(q0, q0), sign(load_i8x32(y, 32 * b), q0)))
+            acc0 = fmadd(splat_f32(f16_at(row, o) * dy[b]), p0, acc0)
+        return hsum_f32(vadd(acc0, acc1))
+
+    @njit(inline="always", fastmath=True)
+    def x4(row, act, t, out, r):
+        y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
+        d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        for b in range(row.shape[0] // size):
+            o = size * b
+            q = quants(row, o)
+            aq = sign(q, q)
+            dw = f16_at(row, o)
+            a0 = fmadd(splat_f32(dw * d0[b]), cvt_f32(dot_u8s8(aq, sign(load_i8x32(y0, 32 * b), q))), a0)
+            a1 = fmadd(splat_f32(dw * d1[b]), cvt_f32(dot_u8s8(aq, sign(load_i8x32(y1, 32 * b), q))), a1)
+            a2 = fmadd(splat_f32(dw * d2[b]), cvt_f32(dot_u8s8(aq, sign(load_i8x32(y2, 32 * b), q))), a2)
+            a3 = fmadd(splat_f32(dw * d3[b]), cvt_f32(dot_u8s8(aq, sign(load_i8x32(y3, 32 * b), q))), a3)
+        out[t, r] = hsum_f32(a0)
+        out[t + 1, r] = hsum_f32(a1)
+        out[t + 2, r] = hsum_f32(a2)
+        out[t + 3, r] = hsum_f32(a3)
+
+    return _tiled(x1, x4)
+
+
+mm_q8_0 = _signed32(34, _q8_0_quants, _dot_u8s8)
+mm_q4_0 = _signed32(18, _q4_0_quants, _dot_u8s8)
+mm_q5_0 = _signed32(22, _q5_0_quants, _dot_u8s8)
+mm_q8_0_vnni = _signed32(34, _q8_0_quants, _dot_u8s8_vnni)
+mm_q4_0_vnni = _signed32(18, _q4_0_quants, _dot_u8s8_vnni)
+mm_q5_0_vnni = _signed32(22, _q5_0_quants, _dot_u8s8_vnni)
+
+
+# -- Q4_1 x Q8_1, Q5_1 x Q8_1: unsigned quants, scale d and min m per 32 -----------------------
+
+
+@njit(inline="always")
+def _q4_1_quants(row, o):
+    return load_nibbles(row, o + 4)
+
+
+@njit(inline="always")
+def _q5_1_quants(row, o):
+    return vor(load_nibbles(row, o + 8), vand(bits_to_bytes(u32_at(row, o + 4)), splat_i8(16)))
+
+
+def _affine32(size, quants, _dot_u8s8):
+    """Kernels for an unsigned block type with d (f16 at 0) and min m (f16 at 2)."""
+
+    @njit(inline="always", fastmath=True)
+    def x1(row, act, t):
+        y, dy, sy = act.q8[t], act.d8[t], act.s8[t]
+        nb = row.shape[0] // size
+        acc0 = zero_f32()
+        acc1 = zero_f32()
+        mins = np.float32(0.0)
+        b = 0
+        while b + 2 <= nb:
+            o = size * b
+            p0 = cvt_f32(_dot_u8s8(quants(row, o), load_i8x32(y, 32 * b)))
+            acc0 = fmadd(splat_f32(f16_at(row, o) * dy[b]), p0, acc0)
+            p1 = cvt_f32(_dot_u8s8(quants(row, o + size), load_i8x32(y, 32 * b + 32)))
+            acc1 = fmadd(splat_f32(f16_at(row, o + size) * dy[b + 1]), p1, acc1)
+            mins += f16_at(row, o + 2) * sy[b] + f16_at(row, o + size + 2) * sy[b + 1]
+            b += 2
+        if b < nb:
+            o = size * b
+            p0 = cvt_f32(_dot_u8s8(quants(row, o), load_i8x32(y, 32 * b)))
+            acc0 = fmadd(splat_f32(f16_at(row, o) * dy[b]), p0, acc0)
+            mins += f16_at(row, o + 2) * sy[b]
+        return hsum_f32(vadd(acc0, acc1)) + mins
+
+    @njit(inline="always", fastmath=True)
+    def x4(row, act, t, out, r):
+        y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
+        d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+        s0, s1, s2, s3 = act.s8[t], act.s8[t + 1], act.s8[t + 2], act.s8[t + 3]
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        m0 = np.float32(0.0)
+        m1 = np.float32(0.0)
+        m2 = np.float32(0.0)
+        m3 = np.float32(0.0)
+        for b in range(row.shape[0] // size):
+            o = size * b
+            q = quants(row, o)
+            dw, mw = f16_at(row, o), f16_at(row, o + 2)
+            a0 = fmadd(splat_f32(dw * d0[b]), cvt_f32(_dot_u8s8(q, load_i8x32(y0, 32 * b))), a0)
+            a1 = fmadd(splat_f32(dw * d1[b]), cvt_f32(_dot_u8s8(q, load_i8x32(y1, 32 * b))), a1)
+            a2 = fmadd(splat_f32(dw * d2[b]), cvt_f32(_dot_u8s8(q, load_i8x32(y2, 32 * b))), a2)
+            a3 = fmadd(splat_f32(dw * d3[b]), cvt_f32(_dot_u8s8(q, load_i8x32(y3, 32 * b))), a3)
+            m0 += mw * s0[b]
+            m1 += mw * s1[b]
+            m2 += mw * s2[b]
+            m3 += mw * s3[b]
+        out[t, r] = hsum_f32(a0) + m0
+        out[t + 1, r] = hsum_f32(a1) + m1
+        out[t + 2, r] = hsum_f32(a2) + m2
+        out[t + 3, r] = hsum_f32(a3) + m3
+
+    return _tiled(x1, x4)
+
+
+mm_q4_1 = _affine32(20, _q4_1_quants, _dot_u8s8)
+mm_q5_1 = _affine32(24, _q5_1_quants, _dot_u8s8)
+mm_q4_1_vnni = _affine32(20, _q4_1_quants, _dot_u8s8_vnni)
+mm_q5_1_vnni = _affine32(24, _q5_1_quants, _dot_u8s8_vnni)
+
+
+# -- K-quants x Q8_K: 256-element super-blocks, sub-block scales as int16 lanes ----------------
+# Each *_int(row, o, y, yo, sc) returns the int32 lanes of sum_k scale_k * (quants_k . y_k)
+# for the super-block at row[o] against activation quants y[yo:yo + 256]; each *_block scales
+# them by d * dy and adds the mins (or offsets) through the activation's bsums.
+
+K4_MASK1 = np.uint32(0x3F3F3F3F)
+K4_MASK2 = np.uint32(0x0F0F0F0F)
+K4_MASK3 = np.uint32(0x03030303)
+
+
+@njit(inline="always")
+def _k4_scales(row, o):
+    """Q4_K/Q5_K: the 8 six-bit scales (lanes 0..7) and 8 mins (lanes 8..15) of the
+    super-block at row[o], from the 12 packed bytes at o + 4 (llama.cpp's utmp shuffle)."""
+    a0, a1, a2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
+    m_hi = ((a2 >> 4) & K4_MASK2) | (((a1 >> 6) & K4_MASK3) << 4)
+    s_hi = (a2 & K4_MASK2) | (((a0 >> 6) & K4_MASK3) << 4)
+    return u32x4_as_i16(a0 & K4_MASK1, s_hi, a1 & K4_MASK1, m_hi)
+
+
+@njit(inline="always")
+def _scaled(sc, ja, jb, q, y, yo):
+    """int32 lanes: scale lanes ja (bytes 0..15) and jb (16..31) times the pair sums of q . y."""
+    return madd(lanes_i16(sc, ja, jb), maddubs(q, load_i8x32(y, yo)))
+
+
+@njit(inline="always")
+def _q4_k_int(row, o, y, yo, sc):
+    # sub-blocks 2c and 2c+1 are the low and high nibbles of qs[32c:32c+32] (qs at o + 16)
+    m4 = splat_i8(15)
+    s = zero_i32()
+    for c in range(4):
+        q = load_i8x32(row, o + 16 + 32 * c)
+        s = vadd(s, vadd(_scaled(sc, 2 * c, 2 * c, vand(q, m4), y, yo + 64 * c),
+                         _scaled(sc, 2 * c + 1, 2 * c + 1, vand(vshr(q, 4), m4), y, yo + 64 * c + 32)))
+    return s
+
+
+@njit(inline="always")
+def _q5_k_int(row, o, y, yo, sc):
+    # as Q4_K (qs at o + 48), with bit 4 of sub-block j's quants from bit j of qh[l] (o + 16)
+    m4 = splat_i8(15)
+    one = splat_i8(1)
+    qh = load_i8x32(row, o + 16)
+    s = zero_i32()
+    for c in range(4):
+        q = load_i8x32(row, o + 48 + 32 * c)
+        lo = vor(vand(q, m4), vshl(vand(vshr(qh, 2 * c), one), 4))
+        hi = vor(vand(vshr(q, 4), m4), vshl(vand(vshr(qh, 2 * c + 1), one), 4))
+        s = vadd(s, vadd(_scaled(sc, 2 * c, 2 * c, lo, y, yo + 64 * c),
+                         _scaled(sc, 2 * c + 1, 2 * c + 1, hi, y, yo + 64 * c + 32)))
+    return s
+
+
+def _super(size, block):
+    """Tiles for a K-quant of `size` bytes per 256 weights. block(row, b, y, dy, bs, acc) adds
+    super-block b's product with one token (quants y, scales dy, bsums bs) to acc. The
+    four-token kernel calls it four times per super-block with the same row bytes: once
+    inlined, LLVM computes the weight side (unpacked quants, scales) once for the four."""
+
+    @njit(inline="always", fastmath=True)
+    def x1(row, act, t):
+        y, dy, bs = act.qk[t], act.dk[t], act.bk[t]
+        acc = zero_f32()
+        for b in range(row.shape[0] // size):
+            acc = block(row, b, y, dy, bs, acc)
+        return hsum_f32(acc)
+
+    @njit(inline="always", fastmath=True)
+    def x4(row, act, t, out, r):
+        y0, y1, y2, y3 = act.qk[t], act.qk[t + 1], act.qk[t + 2], act.qk[t + 3]
+        d0, d1, d2, d3 = act.dk[t], act.dk[t + 1], act.dk[t + 2], act.dk[t + 3]
+        s0, s1, s2, s3 = act.bk[t], act.bk[t + 1], act.bk[t + 2], act.bk[t + 3]
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        for b in range(row.shape[0] // size):
+            a0 = block(row, b, y0, d0, s0, a0)
+            a1 = block(row, b, y1, d1, s1, a1)
+            a2 = block(row, b, y2, d2, s2, a2)
+            a3 = block(row, b, y3, d3, s3, a3)
+        out[t, r] = hsum_f32(a0)
+        out[t + 1, r] = hsum_f32(a1)
+        out[t + 2, r] = hsum_f32(a2)
+        out[t + 3, r] = hsum_f32(a3)
+
+    return _tiled(x1, x4)
+
+
+def _k4_block(size, integer):
+    """Q4_K / Q5_K: d, dmin (f16 at 0, 2), 8 sub-blocks of 32 with six-bit scales and mins."""
+
+    @njit(inline="always", fastmath=True)
+    def block(row, b, y, dy, bs, acc):
+        o = size * b
+        sc = _k4_scales(row, o)
+        mins = madd(pairs_i16(sc, 8), load_i16x16(bs, 16 * b))  # m_j * (bsum_2j + bsum_2j+1)
+        acc = fmadd(splat_f32(dy[b] * f16_at(row, o)), cvt_f32(integer(row, o, y, 256 * b, sc)), acc)
+        return fmadd(splat_f32(-dy[b] * f16_at(row, o + 2)), cvt_f32(mins), acc)
+
+    return block
+
+
+mm_q4_k = _super(144, _k4_block(144, _q4_k_int))
+mm_q5_k = _super(176, _k4_block(176, _q5_k_int))
+
+
+@njit(inline="always")
+def _q6_k_int(row, o, y, yo, sc):
+    # ql[128] @0, qh[64] @128. Half h, group s (32 elements at 128h + 32s): low nibble s // 2
+    # of ql[64h + 32(s % 2):], bits 2s of qh[32h:]. Unsigned 0..63; the caller removes the -32.
+    m4 = splat_i8(15)
+    m3 = splat_i8(3)
+    s = zero_i32()
+    for h in range(2):
+        l1 = load_i8x32(row, o + 64 * h)
+        l2 = load_i8x32(row, o + 64 * h + 32)
+        hb = load_i8x32(row, o + 128 + 32 * h)
+        k, yb = 8 * h, yo + 128 * h
+        s = vadd(s, _scaled(sc, k, k + 1, vor(vand(l1, m4), vshl(vand(hb, m3), 4)), y, yb))
+        s = vadd(s, _scaled(sc, k + 2, k + 3, vor(vand(l2, m4), vshl(vand(vshr(hb, 2), m3), 4)), y, yb + 32))
+        s = vadd(s, _scaled(sc, k + 4, k + 5, vor(vshr(l1, 4), vshl(vand(vshr(hb, 4), m3), 4)), y, yb + 64))
+        s = vadd(s, _scaled(sc, k + 6, k + 7, vor(vshr(l2, 4), vshl(vshr(hb, 6), 4)), y, yb + 96))
+    return s
+
+
+@njit(inline="always", fastmath=True)
+def _q6_k_block(row, b, y, dy, bs, acc):
+    # scales int8[16] @192, d @208
+    o = 210 * b
+    sc = load_i8x16_as_i16(row, o + 192)
+    offset = vshl(madd(sc, load_i16x16(bs, 16 * b)), 5)  # 32 * sum_k scale_k * bsum_k
+    integer = vsub(_q6_k_int(row, o, y, 256 * b, sc), offset)
+    return fmadd(splat_f32(dy[b] * f16_at(row, o + 208)), cvt_f32(integer), acc)
+
+
+mm_q6_k = _super(210, _q6_k_block)
+
+
+@njit(inline="always")
+def _q2_k_int(row, o, y, yo, sc):
+    # qs[64] @16: element 128h + 32s + l is bits 2s of qs[32h + l]
+    m3 = splat_i8(3)
+    s = zero_i32()
+    for h in range(2):
+        q = load_i8x32(row, o + 16 + 32 * h)
+        k, yb = 8 * h, yo + 128 * h
+        s = vadd(s, _scaled(sc, k, k + 1, vand(q, m3), y, yb))
+        s = vadd(s, _scaled(sc, k + 2, k + 3, vand(vshr(q, 2), m3), y, yb + 32))
+        s = vadd(s, _scaled(sc, k + 4, k + 5, vand(vshr(q, 4), m3), y, yb + 64))
+        s = vadd(s, _scaled(sc, k + 6, k + 7, vshr(q, 6), y, yb + 96))
+    return s
+
+
+@njit(inline="always", fastmath=True)
+def _q2_k_block(row, b, y, dy, bs, acc):
+    # scales[16] @0 (low nibble scale, high nibble min), d @80, dmin @82
+    o = 84 * b
+    packed = load_u8x16_as_i16(row, o)
+    mins = madd(vshr(packed, 4), load_i16x16(bs, 16 * b))
+    integer = _q2_k_int(row, o, y, 256 * b, vand(packed, splat_i16(15)))
+    acc = fmadd(splat_f32(dy[b] * f16_at(row, o + 80)), cvt_f32(integer), acc)
+    return fmadd(splat_f32(-dy[b] * f16_at(row, o + 82)), cvt_f32(mins), acc)
+
+
+mm_q2_k = _super(84, _q2_k_block)
+
+
+@njit(inline="always")
+def _q3_k_scales(row, o):
+    """Q3_K: the 16 six-bit scales minus 32, as int16 lanes (llama.cpp's utmp shuffle of the
+    12 bytes at o + 96)."""
+    a0, a1, a2 = u32_at(row, o + 96), u32_at(row, o + 100), u32_at(row, o + 104)
+    s0 = (a0 & K4_MASK2) | ((a2 & K4_MASK3) << 4)
+    s1 = (a1 & K4_MASK2) | (((a2 >> 2) & K4_MASK3) << 4)
+    s2 = ((a0 >> 4) & K4_MASK2) | (((a2 >> 4) & K4_MASK3) << 4)
+    s3 = ((a1 >> 4) & K4_MASK2) | (((a2 >> 6) & K4_MASK3) << 4)
+    return vsub(u32x4_as_i16(s0, s1, s2, s3), splat_i16(32))
+
+
+@njit(inline="always")
+def _q3_high(hm, bit):
+    """4 where bit `bit` of each hmask byte is set, else 0."""
+    return vshl(vand(vshr(hm, bit), splat_i8(1)), 2)
+
+
+@njit(inline="always")
+def _q3_k_int(row, o, y, yo, sc):
+    # hmask[32] @0, qs[64] @32: element 128h + 32s + l is bits 2s of qs[32h + l], plus 4 when
+    # bit 4h + s of hmask[l] is set (quants + 4, unsigned 0..7); the caller removes the 4.
+    m3 = splat_i8(3)
+    hm = load_i8x32(row, o)
+    s = zero_i32()
+    for h in range(2):
+        q = load_i8x32(row, o + 32 + 32 * h)
+        k, yb = 8 * h, yo + 128 * h
+        s = vadd(s, _scaled(sc, k, k + 1, vor(vand(q, m3), _q3_high(hm, 4 * h)), y, yb))
+        s = vadd(s, _scaled(sc, k + 2, k + 3, vor(vand(vshr(q, 2), m3), _q3_high(hm, 4 * h + 1)), y, yb + 32))
+        s = vadd(s, _scaled(sc, k + 4, k + 5, vor(vand(vshr(q, 4), m3), _q3_high(hm, 4 * h + 2)), y, yb + 64))
+        s = vadd(s, _scaled(sc, k + 6, k + 7, vor(vshr(q, 6), _q3_high(hm, 4 * h + 3)), y, yb + 96))
+    return s
+
+
+@njit(inline="always", fastmath=True)
+def _q3_k_block(row, b, y, dy, bs, acc):
+    # scales[12] @96, d @108
+    o = 110 * b
+    sc = _q3_k_scales(row, o)
+    offset = vshl(madd(sc, load_i16x16(bs, 16 * b)), 2)  # 4 * sum_k scale_k * bsum_k
+    integer = vsub(_q3_k_int(row, o, y, 256 * b, sc), offset)
+    return fmadd(splat_f32(dy[b] * f16_at(row, o + 108)), cvt_f32(integer), acc)
+
+
+mm_q3_k = _super(110, _q3_k_block)
+
+
+# -- float weights: F32, F16 (vcvtph2ps), BF16 (a shift) against the float activation ---------
+
+
+def _float(load, scalar, width):
+    """Kernels for float weights of `width` bytes each: 8 at a time through load(row, byte),
+    the tail of a row that is not a multiple of 8 through scalar(row, byte)."""
+
+    @njit(inline="always", fastmath=True)
+    def x1(row, act, t):
+        x = act.xf[t]
+        n = row.shape[0] // width
+        acc0 = zero_f32()
+        acc1 = zero_f32()
+        j = 0
+        while j + 16 <= n:
+            acc0 = fmadd(load(row, width * j), load_f32x8(x, j), acc0)
+            acc1 = fmadd(load(row, width * (j + 8)), load_f32x8(x, j + 8), acc1)
+            j += 16
+        if j + 8 <= n:
+            acc0 = fmadd(load(row, width * j), load_f32x8(x, j), acc0)
+            j += 8
+        total = hsum_f32(vadd(acc0, acc1))
+        while j < n:
+            total += scalar(row, width * j) * x[j]
+            j += 1
+        return total
+
+    @njit(inline="always", fastmath=True)
+    def x4(row, act, t, out, r):
+        x0, x1_, x2, x3 = act.xf[t], act.xf[t + 1], act.xf[t + 2], act.xf[t + 3]
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        n = row.shape[0] // width
+        j = 0
+        while j + 8 <= n:
+            w = load(row, width * j)
+            a0 = fmadd(w, load_f32x8(x0, j), a0)
+            a1 = fmadd(w, load_f32x8(x1_, j), a1)
+            a2 = fmadd(w, load_f32x8(x2, j), a2)
+            a3 = fmadd(w, load_f32x8(x3, j), a3)
+            j += 8
+        s0, s1, s2, s3 = hsum_f32(a0), hsum_f32(a1), hsum_f32(a2), hsum_f32(a3)
+        while j < n:
+            w1 = scalar(row, width * j)
+            s0 += w1 * x0[j]
+            s1 += w1 * x1_[j]
+            s2 += w1 * x2[j]
+            s3 += w1 * x3[j]
+            j += 1
+        out[t, r] = s0
+        out[t + 1, r] = s1
+        out[t + 2, r] = s2
+        out[t + 3, r] = s3
+
+    return _tiled(x1, x4)
+
+
+@njit(inline="always")
+def _load_f32_bytes(row, i):
+    return load_f32x8(row.view(np.float32), i // 4)
+
+
+@njit(inline="always")
+def _f32_at(row, i):
+    return row.view(np.float32)[i // 4]
+
+
+@njit(inline="always")
+def _bf16_at(row, i):
+    return f32_from_bits((np.uint32(row[i]) | (np.uint32(row[i + 1]) << 8)) << 16)
+
+
+mm_f32 = _float(_load_f32_bytes, _f32_at, 4)
+mm_f16 = _float(load_f16x8, f16_at, 2)
+mm_bf16 = _float(load_bf16x8, _bf16_at, 2)
+
+
+# -- interleaved layouts: eight rows per group (repacked at load, kernels/blocks.py) ----------
+# As llama.cpp's block_q4_0x8 (ggml-cpu/repack.cpp), learnt from, not copied: for each group of
+# 8 rows and each 32-element block, the 8 scales (f16) come first, then the quants so that one
+# 32-byte load holds 4 consecutive quants of each of the 8 rows (bytes 4r..4r+3: row r). One
+# activation load of 4 bytes, broadcast to the 8 lanes, then meets all 8 rows: the int32 lane r
+# of the product is row r's, scales load as one vector, and 8 outputs store at once, with no
+# horizontal sums. Per 256 weights that is ~45 instructions instead of ~110.
+#   Q4_0x8 block (144 bytes): d[8] f16 | 4 chunks of 32 bytes: byte 4r+i of chunk c is byte
+#     4c+i of row r's qs (low nibble: quant 4c+i, high nibble: quant 16+4c+i).
+#   Q4_1x8 block (160 bytes): d[8] | m[8] | the Q4_0x8 chunks.
+#   Q5_0x8 block (176 bytes): d[8] | a 32-byte plane of fifth bits (_fifth_bit_plane) | the chunks.
+#   Q5_1x8 block (192 bytes): d[8] | m[8] | plane | chunks.
+#   Q8_0x8 block (272 bytes): d[8] | 8 chunks of 32 bytes: byte 4r+i of chunk j is quant 4j+i of row r.
+# mm(w, r0, r1, ...) takes w as (rows/8, 8 * row_bytes) and rows r0, r1 that are multiples of 8.
+
+
+def _grouped(x1, x4):
+    @njit(fastmath=True)
+    def mm(w, r0, r1, act, t0, t1, out, oc):
+        g0, g1 = r0 // 8, (r1 + 7) // 8
+        for b0 in range(t0, t1, TOKEN_BLOCK):  # a block of tokens stays in L2 ...
+            b1 = min(b0 + TOKEN_BLOCK, t1)
+            for g in range(g0, g1):  # ... and a group of rows in L1 while its token tiles pass
+                t = b0
+                while t + 4 <= b1:
+                    x4(w[g], act, t, out, oc + 8 * g)
+                    t += 4
+                while t < b1:
+                    x1(w[g], act, t, out, oc + 8 * g)
+                    t += 1
+
+    return mm
+
+
+@njit(inline="always")
+def _nibble_sums(wg, o, y, yo):
+    """int16 lanes: pair sums over one block of the 8 rows' unsigned nibbles times y[yo:yo+32]
+    (at most 8 * 2 * 15 * 127 = 30480: no saturation)."""
+    m4 = splat_i8(15)
+    s = zero_i16()
+    for c in range(4):
+        v = load_i8x32(wg, o + 32 * c)
+        s = vadd(s, maddubs(vand(v, m4), bcast4(y, yo + 4 * c)))
+        s = vadd(s, maddubs(vand(vshr(v, 4), m4), bcast4(y, yo + 16 + 4 * c)))
+    return s
+
+
+@njit(inline="always")
+def _y8_of(act, t):
+    return act.y8[t]
+
+
+@njit(inline="always")
+def _s8_of(act, t):
+    return act.s8[t]
+
+
+@njit(inline="always", fastmath=True)
+def _finish_q4_0(wg, o, b, isum, dy, ysum, acc):
+    # quants are nibble - 8: subtract 8 * sum(y) from every row's sum
+    return fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(vsub(isum, splat_i32(8 * ysum[b]))), acc)
+
+
+@njit(inline="always", fastmath=True)
+def _finish_q4_1(wg, o, b, isum, dy, sy, acc):
+    # d * dy * sum + m * s (Q8_1's s = dy * sum(y), as float16)
+    acc = fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(isum), acc)
+    return fmadd(load_f16x8(wg, o + 16), splat_f32(sy[b]), acc)
+
+
+@njit(inline="always")
+def _four_bit(wg, o, y, yo):
+    """int32 lanes: row r's sum of its 32 unsigned 4-bit quants (chunks at o) times y[yo:yo+32]."""
+    return madd(_nibble_sums(wg, o, y, yo), splat_i16(1))
+
+
+@njit(inline="always")
+def _bit16(plane, k):
+    """16 in every byte whose bit k is set, else 0."""
+    return vshl(vand(vshr(plane, k), splat_i8(1)), 4)
+
+
+@njit(inline="always")
+def _five_bit(wg, o, y, yo):
+    """As _four_bit for 5-bit quants: the chunks at o, the fifth bits in the 32-byte plane at
+    o - 32 (byte 4r+i, bit 2c: quant 4c+i of row r; bit 2c+1: quant 16+4c+i). Pair sums reach
+    2 * 31 * 127, so int16 holds four of them: two vpmaddwd per block."""
+    m4 = splat_i8(15)
+    plane = load_i8x32(wg, o - 32)
+    total = zero_i32()
+    for half in range(2):
+        s = zero_i16()
+        for c in range(2 * half, 2 * half + 2):
+            v = load_i8x32(wg, o + 32 * c)
+            lo = vor(vand(v, m4), _bit16(plane, 2 * c))
+            hi = vor(vand(vshr(v, 4), m4), _bit16(plane, 2 * c + 1))
+            s = vadd(s, maddubs(lo, bcast4(y, yo + 4 * c)))
+            s = vadd(s, maddubs(hi, bcast4(y, yo + 16 + 4 * c)))
+        total = vadd(total, madd(s, splat_i16(1)))
+    return total
+
+
+@njit(inline="always", fastmath=True)
+def _finish_q5_0(wg, o, b, isum, dy, ysum, acc):
+    # quants are value - 16
+    return fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(vsub(isum, splat_i32(16 * ysum[b]))), acc)
+
+
+def _x8_nibbles(size, qoff, sums, extra_of, finish):
+    """Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8 (`size` bytes per block, quant chunks at qoff):
+    sums() the rows' integer sums, extra_of(act, t) the per-block activation term finish()
+    needs (sum(y) for the offset types, Q8_1's s for those with a min)."""
+
+    @njit(inline="always", fastmath=True)
+    def part(wg, b, y, dy, extra, acc):
+        o = size * b
+        return finish(wg, o, b, sums(wg, o + qoff, y, 32 * b), dy, extra, acc)
+
+    @njit(inline="always", fastmath=True)
+    def x1(wg, act, t, out, col):
+        y, dy, extra = act.q8[t], act.d8[t], extra_of(act, t)
+        acc = zero_f32()
+        for b in range(wg.shape[0] // size):
+            acc = part(wg, b, y, dy, extra, acc)
+        store_f32x8(out[t], col, acc)
+
+    @njit(inline="always", fastmath=True)
+    def x4(wg, act, t, out, col):
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
+        d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+        e0, e1, e2, e3 = extra_of(act, t), extra_of(act, t + 1), extra_of(act, t + 2), extra_of(act, t + 3)
+        for b in range(wg.shape[0] // size):  # inlined, the four share the weight loads and unpacking
+            a0 = part(wg, b, y0, d0, e0, a0)
+            a1 = part(wg, b, y1, d1, e1, a1)
+            a2 = part(wg, b, y2, d2, e2, a2)
+            a3 = part(wg, b, y3, d3, e3, a3)
+        store_f32x8(out[t], col, a0)
+        store_f32x8(out[t + 1], col, a1)
+        store_f32x8(out[t + 2], col, a2)
+        store_f32x8(out[t + 3], col, a3)
+
+    return _grouped(x1, x4)
+
+
+def _x8_q8_0(dot_u8s8):
+    @njit(inline="always", fastmath=True)
+    def part(wg, b, y, dy, acc):
+        o = 272 * b
+        isum = zero_i32()
+        for j in range(8):
+            v = load_i8x32(wg, o + 16 + 32 * j)
+            isum = vadd(isum, dot_u8s8(sign(v, v), sign(bcast4(y, 32 * b + 4 * j), v)))
+        return fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(isum), acc)
+
+    @njit(inline="always", fastmath=True)
+    def x1(wg, act, t, out, col):
+        y, dy = act.q8[t], act.d8[t]
+        acc = zero_f32()
+        for b in range(wg.shape[0] // 272):
+            acc = part(wg, b, y, dy, acc)
+        store_f32x8(out[t], col, acc)
+
+    @njit(inline="always", fastmath=True)
+    def x4(wg, act, t, out, col):
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
+        d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+        for b in range(wg.shape[0] // 272):
+            a0 = part(wg, b, y0, d0, a0)
+            a1 = part(wg, b, y1, d1, a1)
+            a2 = part(wg, b, y2, d2, a2)
+            a3 = part(wg, b, y3, d3, a3)
+        store_f32x8(out[t], col, a0)
+        store_f32x8(out[t + 1], col, a1)
+        store_f32x8(out[t + 2], col, a2)
+        store_f32x8(out[t + 3], col, a3)
+
+    return _grouped(x1, x4)
+
+
+mm_q4_0x8 = _x8_nibbles(144, 16, _four_bit, _y8_of, _finish_q4_0)
+mm_q4_1x8 = _x8_nibbles(160, 32, _four_bit, _s8_of, _finish_q4_1)
+mm_q5_0x8 = _x8_nibbles(176, 48, _five_bit, _y8_of, _finish_q5_0)
+mm_q5_1x8 = _x8_nibbles(192, 64, _five_bit, _s8_of, _finish_q4_1)
+mm_q8_0x8 = _x8_q8_0(_dot_u8s8)
+mm_q8_0x8_vnni = _x8_q8_0(_dot_u8s8_vnni)
+
+
+def _interleave(data, nbytes, parts):
+    """(rows, nb * nbytes) blocks -> (rows / 8, nb * 8 * nbytes): per group of 8 rows and block,
+    each part (start, end, chunk) of the block's bytes, rows interleaved every `chunk` bytes."""
+    rows = data.shape[0]
+    nb = data.shape[1] // nbytes
+    blocks = data.reshape(rows // 8, 8, nb, nbytes)  # (groups, row in group, block, byte)
+    out = []
+    for start, end, chunk in parts:
+        p = blocks[:, :, :, start:end].reshape(rows // 8, 8, nb, (end - start) // chunk, chunk)
+        out.append(p.transpose(0, 2, 3, 1, 4).reshape(rows // 8, nb, -1))  # (group, block, chunk, row, byte)
+    return np.ascontiguousarray(np.concatenate(out, axis=2).reshape(rows // 8, -1))
+
+
+def repack_q4_0x8(data):
+    return _interleave(data, 18, [(0, 2, 2), (2, 18, 4)])
+
+
+def repack_q4_1x8(data):
+    return _interleave(data, 20, [(0, 2, 2), (2, 4, 2), (4, 20, 4)])
+
+
+def repack_q8_0x8(data):
+    return _interleave(data, 34, [(0, 2, 2), (2, 34, 4)])
+
+
+def _fifth_bit_plane(data, nbytes, qh_at):
+    """The 32-byte plane of Q5_0x8/Q5_1x8 per group and block from each row's qh (uint32 at qh_at):
+    byte 4r+i holds, at bit 2c, bit 4c+i of row r's qh and, at bit 2c+1, bit 16+4c+i."""
+    rows = data.shape[0]
+    nb = data.shape[1] // nbytes
+    qh = data.reshape(rows, nb, nbytes)[:, :, qh_at:qh_at + 4].copy().view(np.uint32)[..., 0]  # (rows, nb)
+    qh = qh.reshape(rows // 8, 8, nb).transpose(0, 2, 1)  # (groups, nb, row)
+    plane = np.zeros((rows // 8, nb, 8, 4), np.uint8)  # (group, block, row, i)
+    for i in range(4):
+        for c in range(4):
+            lo = (qh >> (4 * c + i)) & 1
+            hi = (qh >> (16 + 4 * c + i)) & 1
+            plane[:, :, :, i] |= ((lo << (2 * c)) | (hi << (2 * c + 1))).astype(np.uint8)
+    return plane.reshape(rows // 8, nb, 32)
+
+
+def _with_plane(data, nbytes, scale_parts, qh_at, qs_at):
+    rows = data.shape[0]
+    nb = data.shape[1] // nbytes
+    scales = _interleave(data, nbytes, scale_parts).reshape(rows // 8, nb, -1)
+    quants = _interleave(data, nbytes, [(qs_at, nbytes, 4)]).reshape(rows // 8, nb, -1)
+    plane = _fifth_bit_plane(data, nbytes, qh_at)
+    return np.ascontiguousarray(np.concatenate([scales, plane, quants], axis=2).reshape(rows // 8, -1))
+
+
+def repack_q5_0x8(data):
+    return _with_plane(data, 22, [(0, 2, 2)], 2, 6)
+
+
+def repack_q5_1x8(data):
+    return _with_plane(data, 24, [(0, 2, 2), (2, 4, 2)], 4, 8)

@@ -25,20 +25,6 @@ def rmsnorm(x, weight, eps, out):
             out[i, j] = x[i, j] * scale * weight[j]
 
 
-def rope_tables(n_ctx: int, rope_dim: int, base: float, freq_factors=None, position_scale: float = 1.0):
-    """cos/sin of pos * theta_i for every position: (n_ctx, rope_dim/2) each.
-
-    theta_i = base^(-2i/rope_dim), divided by freq_factors[i] when the model has them
-    (Llama-3 long-context scaling stores them as the rope_freqs tensor), and positions are
-    multiplied by position_scale for linear rope scaling.
-    """
-    inv_freq = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)  # (rope_dim/2,)
-    if freq_factors is not None:
-        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
-    angles = np.outer(np.arange(n_ctx, dtype=np.float64) * position_scale, inv_freq)  # (n_ctx, rope_dim/2)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
 @njit(cache=True, fastmath=True)
 def rope(x, n_heads, head_dim, rope_dim, start_pos, cos, sin, neox):
     """Rotate the first rope_dim dims of each head of x (n, n_heads*head_dim) in place.

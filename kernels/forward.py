@@ -131,11 +131,12 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, skip
     stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
     products, attention, other = not skip & SKIP_PRODUCTS, not skip & SKIP_ATTENTION, not skip & SKIP_OTHER
 
-    # Not cached, unlike every kernel it calls: the step loaded from Numba's cache computed
-    # different (wrong) logits from the same step compiled in the process (SmolLM2 Q4_1: cosine
-    # 0.980 against the float64 reference, compiled: 0.998; reproduced with only this function's
-    # cache kept; cause not found). Compiling it costs ~8 s per start with its callees cached.
-    @njit(cache=False)
+    # Cached like every kernel. Note: the step loaded from Numba's cache rounds differently from
+    # the same step compiled in the process (stories260K F32: logits differ by ~5e-7 relative),
+    # and the int8 activations amplify that over 30 layers (SmolLM2 Q4_1: per-position cosine
+    # down to 0.98 between the two, as a 1e-6 relative change of the norm weights gives 0.996);
+    # both are valid evaluations. Cause of the rounding difference not found.
+    @njit(cache=True)
     def forward(ids, start, P, S, kc, vc, logits, mode):
         if stamp < 0:
             return

@@ -357,8 +357,23 @@ def u4x8_f32(typingctx, arr, i, shift):
 def _avx2():
     """The AVX2 kernels' tables, built on first use (importing simd is cheap, compiling it is not)."""
     from pyllm.kernels.simd import (
-        cvt_f32, f16_at, fmadd, load_f16x8, load_f32x8, load_i8x32, load_nibbles, madd, maddubs, sign,
-        splat_f32, splat_i8, splat_i16, sums8, vmul, vsub, zero_f32,
+        cvt_f32,
+        f16_at,
+        fmadd,
+        load_f16x8,
+        load_f32x8,
+        load_i8x32,
+        load_nibbles,
+        madd,
+        maddubs,
+        sign,
+        splat_f32,
+        splat_i8,
+        splat_i16,
+        sums8,
+        vmul,
+        vsub,
+        zero_f32,
     )
 
     @njit(inline="always")

@@ -248,7 +248,8 @@ def attention_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, qqs, 
         g, t = job % n_kv, job // n_kv
         sc, qq = scores[numba.get_thread_id()], qqs[numba.get_thread_id()]
         kb, vb = g * n_ctx * krow, g * n_ctx * vrow
-        _attend_kv(kt, vt, y[t], q_col, qq, kf, vf, kb, vb, krow, vrow, g, start_pos + t + 1, group, hd, sc, f16, out[t])
+        _attend_kv(kt, vt, y[t], q_col, qq, kf, vf, kb, vb, krow, vrow, g, start_pos + t + 1, group, hd, sc, f16,
+                   out[t])
         if n - 1 - t != t:
             t2 = n - 1 - t
             _attend_kv(kt, vt, y[t2], q_col, qq, kf, vf, kb, vb, krow, vrow, g, start_pos + t2 + 1, group, hd, sc, f16,

@@ -45,7 +45,7 @@ from collections import namedtuple
 
 import numpy as np
 from llvmlite import ir
-from numba import njit
+from numba import literally, njit
 from numba.core import types
 from numba.extending import intrinsic, overload
 from pyllm.base import GGMLType, PyllmError
@@ -293,6 +293,8 @@ def _ov_axpy(t, c, co, w, acc, hd, f16):
 def store_kv(kt, vt, k, v, k_cache, v_cache, start_pos, f16):
     """Encode new keys/values (n, n_kv*head_dim) into one layer's caches (n_kv, n_ctx, row) at
     positions start_pos..: kt, vt are the caches' type codes (literals)."""
+    literally(kt)
+    literally(vt)
     n, kvd = k.shape
     n_kv, n_ctx = k_cache.shape[0], k_cache.shape[1]
     hd = kvd // n_kv

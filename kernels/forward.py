@@ -161,7 +161,7 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
                 ops.rope(y[:n, kc_:kc_ + kvd], n_kv, head_dim, rope_dim, start, P.cos, P.sin, neox)
                 kvcache.store_kv(kt, vt, y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start, f16)
             if attention:
-                ops.attention_at(ops_isa, kt, vt, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.qq, f16,
+                ops.attention_kv_at(ops_isa, kt, vt, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.qq, f16,
                                  S.attn)
             if other:
                 _quantize_rows(forms, S.attn, n, qd, act, f16)

@@ -226,40 +226,62 @@ def silu_mul(y, n, gate_col, up_col, width, out):
             out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * y[t, up_col + j]
 
 
-def attention_at(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
-    """Attention with the kernels of level isa and cache types kt, vt (all compile-time
-    constants, kernels/cpu.py and kernels/kvcache.py): the AVX2 version (kernels/ops_avx2.py)
-    from that level on, which needs head_dim % 8 == 0 (the caller passes PORTABLE otherwise),
-    else the portable one; float32 caches take the original attention(), other types
-    attention_kv(). Only one is compiled."""
+def attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    """attention() with the kernels of level isa (a compile-time constant, kernels/cpu.py):
+    the AVX2 version (kernels/ops_avx2.py) from that level on, which needs head_dim % 8 == 0
+    (the caller passes PORTABLE otherwise), else the portable one. Only one is compiled."""
     raise NotImplementedError("only callable from compiled code")
 
 
 @overload(attention_at, prefer_literal=True)
-def _attention_at(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+def _attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+    if not isinstance(isa, types.IntegerLiteral):
+        return None
+    from pyllm.kernels.cpu import AVX2, isa_supported
+
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import attention as fast
+
+        def impl(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+            fast(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+        return impl
+
+    def portable(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
+        attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+    return portable
+
+
+def attention_kv_at(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+    """attention_at() over caches of types kt, vt (literal codes of kernels/kvcache.py): float32
+    caches take attention_at itself, unchanged; the other types attention_kv (portable) or its
+    AVX2 version from that level on. Only one is compiled."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(attention_kv_at, prefer_literal=True)
+def _attention_kv_at(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
     if not all(isinstance(a, types.IntegerLiteral) for a in (isa, kt, vt)):
         return None
     from pyllm.kernels.cpu import AVX2, isa_supported
 
-    f32 = kt.literal_value == kvcache.F32 and vt.literal_value == kvcache.F32
-    if isa.literal_value >= AVX2 and isa_supported(AVX2):
-        from pyllm.kernels.ops_avx2 import attention as fast
-        from pyllm.kernels.ops_avx2 import attention_kv as fast_kv
+    if kt.literal_value == kvcache.F32 and vt.literal_value == kvcache.F32:
+        def f32(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+            attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
 
-        if f32:
-            def impl(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
-                fast(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
-        else:
-            def impl(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
-                fast_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, qqs, f16, out)
+        return f32
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import attention_kv as fast
+
+        def impl(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+            fast(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, qqs, f16, out)
+
         return impl
 
-    if f32:
-        def portable(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
-            attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
-    else:
-        def portable(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
-            attention_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out)
+    def portable(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+        attention_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out)
+
     return portable
 
 

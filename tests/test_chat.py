@@ -95,9 +95,7 @@ def test_model_without_template_needs_chat_template(stories260k):
 def smol_model(smollm2):
     from pyllm.runtime.loader import load
 
-    # an f32 K/V cache: the expected answers are SmolLM2's greedy ones with float32 K/V; the f16
-    # default (as llama.cpp's) changes some of them (near-ties of a 135M model)
-    model = load(smollm2, n_ctx=1024, n_threads=1, cache_type_k="f32", cache_type_v="f32")
+    model = load(smollm2, n_ctx=1024, n_threads=1)
     model.warmup()
     return model
 
@@ -479,7 +477,7 @@ def test_repl_in_a_terminal(smollm2, tmp_path):
     env = {**os.environ, "PYLLM_HOME": str(tmp_path), "TERM": "xterm", "COLUMNS": "100"}
     env.pop("NO_COLOR", None)
     child = pexpect.spawn(sys.executable, ["-m", "pyllm", "chat", str(smollm2), "--temp", "0", "-n", "400",
-                                           "-t", "1", "-c", "2048", "-ctk", "f32", "-ctv", "f32"],
+                                           "-t", "1", "-c", "2048"],
                           env=env, encoding="utf-8", codec_errors="replace", timeout=180, dimensions=(40, 100))
     transcript = io.StringIO()
     child.logfile_read = transcript

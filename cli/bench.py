@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from pyllm.cli.common import add_model_arg, model_arg
+from pyllm.cli.common import add_cache_type_args, add_model_arg, model_arg
 
 
 def int_list(text: str) -> list:
@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
                    help="repetitions of each test (default: 5)")
     p.add_argument("-o", "--output", choices=("md", "csv", "json"), default="md",
                    help="output format: markdown table, CSV or a JSON array of records (default: md)")
+    add_cache_type_args(p, lists=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
     return p
 
@@ -53,27 +54,31 @@ def main(argv=None) -> int:
     threads = args.threads or [None]
     bench.check_params(args.n_prompt, args.n_gen, threads, args.repetitions, args.batch_size)
 
-    t0 = time.perf_counter()
-    model = load(args.model, n_ctx=bench.n_ctx_needed(args.n_prompt, args.n_gen), n_threads=threads[0])
-    t1 = time.perf_counter()
-    model.warmup()
-    t2 = time.perf_counter()
-    print(f"load: {t1 - t0:.2f} s; warm-up (JIT compile/load): {t2 - t1:.2f} s", file=sys.stderr)
-
+    kv = args.cache_type_k != ["f16"] or args.cache_type_v != ["f16"]  # llama-bench's rule for the columns
     out = sys.stdout
     if args.output == "md":
-        print(bench.markdown_header(), file=out, flush=True)
+        print(bench.markdown_header(kv), file=out, flush=True)
     elif args.output == "csv":
         print(bench.csv_header(), file=out, flush=True)
 
     def on_result(r):
         if args.output == "md":
-            print(bench.markdown_row(r), file=out, flush=True)
+            print(bench.markdown_row(r, kv), file=out, flush=True)
         elif args.output == "csv":
             print(bench.csv_row(r), file=out, flush=True)
 
-    results = bench.bench(model, args.n_prompt, args.n_gen, threads, args.repetitions, args.batch_size,
-                          seed=args.seed, on_result=on_result)
+    results = []
+    for type_k in args.cache_type_k:  # every combination, one model (cache) each
+        for type_v in args.cache_type_v:
+            t0 = time.perf_counter()
+            model = load(args.model, n_ctx=bench.n_ctx_needed(args.n_prompt, args.n_gen), n_threads=threads[0],
+                         cache_type_k=type_k, cache_type_v=type_v)
+            t1 = time.perf_counter()
+            model.warmup()
+            t2 = time.perf_counter()
+            print(f"load: {t1 - t0:.2f} s; warm-up (JIT compile/load): {t2 - t1:.2f} s", file=sys.stderr)
+            results += bench.bench(model, args.n_prompt, args.n_gen, threads, args.repetitions, args.batch_size,
+                                   seed=args.seed, on_result=on_result)
     if args.output == "json":
         print(bench.to_json(results), file=out)
     return 0

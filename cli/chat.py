@@ -191,6 +191,10 @@ class ChatSession:
         s = self.last
         lines = [f"context: {len(self.model.tokens)} / {self.model.n_ctx} tokens, {len(self.messages)} messages"
                  + (" + system prompt" if self.system else "")]
+        k, v = self.model.cache_types
+        per = self.model.kv_bytes_per_token
+        lines.append(f"KV cache: {k} K, {v} V, {per} bytes per token ({len(self.model.tokens) * per / 2**20:.1f} MiB "
+                     f"used of {self.model.n_ctx * per / 2**20:.1f} MiB)")
         if s.stop_reason:
             lines.append(f"last reply: {s.completion_tokens} tokens, {s.reply_tps:.1f} tokens/s, "
                          f"time to first token {s.ttft_s * 1e3:.0f} ms ({s.prompt_tokens} new prompt tokens"

@@ -33,13 +33,47 @@ def model_arg(p: argparse.ArgumentParser, args) -> str | None:
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "the bundled stories260K"):
-    """The model (positional or -m), -c and -t: what every command that runs a model takes."""
+    """The model (positional or -m), -c, -t, the LoRA and the KV cache flags: what every command
+    that runs a model takes."""
     add_model_arg(p, default_model)
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context size in tokens (0: min(4096, model's))")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)")
     from pyllm.runtime.lora import add_lora_args
 
     add_lora_args(p)  # --lora FILE, --lora-scaled FILE SCALE
+    add_cache_type_args(p)
+
+
+def cache_type_list(text: str) -> list:
+    """"q8_0,f16" -> ['q8_0', 'f16'] (a comma list, as llama-bench takes); unknown names are a usage error."""
+    from pyllm.kernels.kvcache import NAMES
+
+    values = [v.strip().lower() for v in text.split(",")]
+    bad = [v for v in values if v not in NAMES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown KV cache type {bad[0]!r}; valid types: {', '.join(NAMES)}")
+    return values
+
+
+def add_cache_type_args(p: argparse.ArgumentParser, lists: bool = False):
+    """--cache-type-k/-ctk and --cache-type-v/-ctv, llama.cpp's flags (default f16); lists: comma
+    lists of types, as llama-bench takes them."""
+    from pyllm.kernels.kvcache import DEFAULT, NAMES
+
+    kind = cache_type_list if lists else cache_type_name
+    default = [DEFAULT] if lists else DEFAULT
+    what = "T[,T...]" if lists else "TYPE"
+    for short, long, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
+        p.add_argument(short, long, type=kind, default=default, metavar=what,
+                       help=f"{which} cache type: {', '.join(NAMES)} (default: {DEFAULT})")
+
+
+def cache_type_name(text: str) -> str:
+    """One KV cache type name (a usage error if unknown)."""
+    values = cache_type_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"one KV cache type expected, got {text!r}")
+    return values[0]
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -82,7 +116,8 @@ def load_from_args(args):
     t0 = time.perf_counter()
     from pyllm.runtime.lora import lora_from_args
 
-    model = load(args.model, n_ctx=args.ctx_size or None, n_threads=args.threads, lora=lora_from_args(args))
+    model = load(args.model, n_ctx=args.ctx_size or None, n_threads=args.threads, lora=lora_from_args(args),
+                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     t1 = time.perf_counter()
     model.warmup(progress=lambda message: print(message, file=sys.stderr, flush=True))
     return model, t1 - t0, time.perf_counter() - t1

@@ -11,7 +11,7 @@ import sys
 import time
 
 from pyllm.base import PyllmError
-from pyllm.cli.common import add_model_arg, model_arg
+from pyllm.cli.common import add_cache_type_args, add_model_arg, model_arg
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=2048, metavar="N",
                    help="most tokens per evaluation; a chunk takes ceil(c / b) of them (default: 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)")
+    add_cache_type_args(p)
     p.add_argument("--kl-divergence-base", metavar="FILE",
                    help="without --kl-divergence: save the model's log-probabilities to FILE; "
                    "with it: the base to compare against")
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     text = ppl.read_text(args.file) if args.file is not None else None
 
     t0 = time.perf_counter()
-    model = load(args.model, n_ctx=n_ctx, n_threads=args.threads)
+    model = load(args.model, n_ctx=n_ctx, n_threads=args.threads, cache_type_k=args.cache_type_k,
+                 cache_type_v=args.cache_type_v)
     t1 = time.perf_counter()
     model.warmup()
     info(f"load: {t1 - t0:.2f} s; warm-up (JIT compile/load): {time.perf_counter() - t1:.2f} s")

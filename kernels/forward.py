@@ -21,8 +21,9 @@ quantize -> [down] (+ residual). LoRA adapters add s * B (A x) to a product's ou
 after its `linears` call, from the same input in float32 (Decoder.set_lora; serial: for a
 rank-8 adapter that is ~1% of a token's work).
 
-The K/V cache is float32 (layers, n_kv, n_ctx, head_dim); attention reads it only through
-ops._kv_dot and ops._kv_axpy, the two places a different storage type (f16, q8_0) changes.
+The K/V cache has one of the types of kernels/kvcache.py (f32, f16, q8_0, q4_0), a compile-time
+constant of the step like the weight types: kvcache.store_kv writes it, attention reads it
+through kvcache's typed kernels (float32 caches through ops._kv_dot and ops._kv_axpy).
 """
 
 import copy
@@ -34,7 +35,7 @@ import numpy as np
 from numba import literally, njit, prange
 from numba.core import types
 from numba.typed import List
-from pyllm.kernels import ops
+from pyllm.kernels import kvcache, ops
 from pyllm.kernels.act import new_act, quantize_act
 from pyllm.kernels.blocks import act_forms, block_type, type_mask
 from pyllm.kernels.cpu import ISA_NAMES, PORTABLE, best_isa
@@ -49,7 +50,7 @@ JOB_ROWS = 16  # rows per parallel job (llama.cpp's chunk)
 MAX_BATCH = 256  # tokens per call; longer prompts are evaluated in batches of this many
 
 Plan = namedtuple("Plan", "W meta jobs regions emb emb_qt norms out_norm bias dims eps cos sin f16 lora lora_a lora_b")
-Scratch = namedtuple("Scratch", "x h y attn ff act scores acc")
+Scratch = namedtuple("Scratch", "x h y attn ff act scores acc qq")
 
 
 # -- small pieces -----------------------------------------------------------------------------
@@ -122,10 +123,11 @@ SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER = 1, 2, 4
 
 
 @functools.cache
-def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, skip: int = 0):
+def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: int, vt: int, skip: int = 0):
     """forward() for one set of weight types (bit mask), activation forms and kernel levels
     (isa for the products, ops_isa for attention and the SwiGLU, which need head_dim and
-    feed_forward_length multiples of 8 above PORTABLE): a closure over these integers only,
+    feed_forward_length multiples of 8 above PORTABLE) and K/V cache types (kt, vt: codes of
+    kernels/kvcache.py): a closure over these integers only,
     so Numba caches one compiled step per such set. skip (0 but in profiles) leaves out parts
     of the work: SKIP_PRODUCTS etc."""
     stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
@@ -162,9 +164,10 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, skip
             if other:
                 ops.rope(y[:n, qc:qc + qd], n_heads, head_dim, rope_dim, start, P.cos, P.sin, neox)
                 ops.rope(y[:n, kc_:kc_ + kvd], n_kv, head_dim, rope_dim, start, P.cos, P.sin, neox)
-                ops.store_kv(y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start)
+                kvcache.store_kv(kt, vt, y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start, f16)
             if attention:
-                ops.attention_at(ops_isa, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.attn)
+                ops.attention_kv_at(ops_isa, kt, vt, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.qq, f16,
+                                 S.attn)
             if other:
                 _quantize_rows(forms, S.attn, n, qd, act, f16)
             if products:
@@ -219,7 +222,8 @@ class Decoder:
 
     layers: per layer a dict with QTensors wq wk wv wo w_gate w_up w_down, float32 vectors
     attn_norm and ffn_norm, and optional biases bq bk bv bo (None or absent: no bias).
-    k_cache, v_cache: float32 (layers, n_kv, n_ctx, head_dim), owned by the caller.
+    k_cache, v_cache: caches made by kernels/kvcache.py new_cache (float32 (layers, n_kv, n_ctx,
+    head_dim) for f32, uint8 rows of the type's blocks otherwise), owned by the caller.
     """
 
     def __init__(self, *, token_embd: QTensor, layers: list, output_norm, output: QTensor, eps: float,
@@ -281,7 +285,10 @@ class Decoder:
         self.k_cache, self.v_cache = k_cache, v_cache
         self.vocab = output.rows
         ops_isa = self.isa if head_dim % 8 == 0 and ff % 8 == 0 else PORTABLE
-        self._key = (type_mask(self.qtypes), act_forms(self.qtypes), self.isa, type_mask([token_embd.qtype]), ops_isa)
+        self.type_k = kvcache.cache_type(k_cache, head_dim)
+        self.type_v = kvcache.cache_type(v_cache, head_dim)
+        self._key = (type_mask(self.qtypes), act_forms(self.qtypes), self.isa, type_mask([token_embd.qtype]), ops_isa,
+                     self.type_k.code, self.type_v.code)
         self.step = _compiled(*self._key, skip)
         self._scratch = None
         self._batch = 0
@@ -338,6 +345,7 @@ class Decoder:
                 ff=np.zeros((n, ff), np.float32), act=new_act(n, -(-widest // 256) * 256),
                 scores=np.zeros((threads, group, n_ctx), np.float32),
                 acc=np.zeros((threads, group, head_dim), np.float32),
+                qq=np.zeros((threads, group, max(kvcache.row_bytes("q8_0", head_dim), 34)), np.uint8),
             )
             self._batch = n
         return self._scratch

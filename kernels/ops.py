@@ -7,9 +7,10 @@ kernels/matmul.py and kernels/dots*.py.
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
 from numba.core import types
 from numba.extending import overload
+from pyllm.kernels import kvcache
 
 
 @njit(cache=True, fastmath=True)
@@ -66,8 +67,8 @@ def store_kv(k, v, k_cache, v_cache, start_pos):
                 v_cache[h, start_pos + t, d] = v[t, h * head_dim + d]
 
 
-# The K/V cache is read only through _kv_dot and _kv_axpy: the two places a different storage
-# type (f16, q8_0, ...) would change.
+# A float32 K/V cache is read only through _kv_dot and _kv_axpy; the other cache types through
+# the typed kernels of kernels/kvcache.py (attention_kv below).
 
 
 @njit(inline="always", fastmath=True)
@@ -141,6 +142,66 @@ def attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
             _attend(y, q_col, k_cache, v_cache, g, n - 1 - t, start_pos, group, scores[tid], accs[tid], out)
 
 
+@njit(inline="always", fastmath=True)
+def _attend_kv(kt, vt, y, q_col, kf, vf, kbase, vbase, krow, vrow, g, t, start, group, hd, sc, acc, qq, f16, out):
+    """_attend for caches of any type (kernels/kvcache.py): kf, vf are the caches flattened,
+    kbase, vbase the offsets of kv head g's rows, krow, vrow a row's length in elements; qq
+    (group, q8_0 row) scratch for the quantized query."""
+    scale = np.float32(1.0 / np.sqrt(hd))
+    q = y[t]
+    n_keys = start + t + 1
+    for hh in range(group):
+        kvcache.prepare_q(kt, q, q_col + (g * group + hh) * hd, qq[hh], hd, f16)
+    for j in range(n_keys):
+        for hh in range(group):
+            qo = q_col + (g * group + hh) * hd
+            sc[hh, j] = kvcache.dot(kt, q, qo, qq[hh], kf, kbase + j * krow, hd, f16) * scale
+    for hh in range(group):  # softmax of each head's scores
+        best = -np.inf
+        for j in range(n_keys):
+            best = max(best, sc[hh, j])
+        total = np.float32(0.0)
+        for j in range(n_keys):
+            e = np.exp(sc[hh, j] - best)
+            sc[hh, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(n_keys):
+            sc[hh, j] *= inv
+        for d in range(hd):
+            acc[hh, d] = np.float32(0.0)
+    for j in range(n_keys):
+        for hh in range(group):
+            kvcache.axpy(vt, vf, vbase + j * vrow, sc[hh, j], acc[hh], hd, f16)
+    for hh in range(group):
+        o = (g * group + hh) * hd
+        for d in range(hd):
+            out[t, o + d] = acc[hh, d]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+    """attention() over caches of types kt, vt (literal codes of kernels/kvcache.py): k_cache,
+    v_cache (n_kv, n_ctx, row) as kvcache.new_cache makes them; qqs (threads, group, q8_0 row)
+    uint8 scratch for the quantized queries; f16: quants.F16_TABLE."""
+    literally(kt)
+    literally(vt)
+    n_kv, n_ctx = k_cache.shape[0], k_cache.shape[1]
+    krow, vrow = k_cache.shape[2], v_cache.shape[2]
+    group = scores.shape[1]
+    hd = out.shape[1] // group // n_kv
+    kf, vf = k_cache.reshape(-1), v_cache.reshape(-1)
+    for job in prange((n + 1) // 2 * n_kv):
+        g, t = job % n_kv, job // n_kv
+        tid = numba.get_thread_id()
+        sc, acc, qq = scores[tid], accs[tid], qqs[tid]
+        kb, vb = g * n_ctx * krow, g * n_ctx * vrow
+        _attend_kv(kt, vt, y, q_col, kf, vf, kb, vb, krow, vrow, g, t, start_pos, group, hd, sc, acc, qq, f16, out)
+        if n - 1 - t != t:
+            _attend_kv(kt, vt, y, q_col, kf, vf, kb, vb, krow, vrow, g, n - 1 - t, start_pos, group, hd, sc, acc, qq,
+                       f16, out)
+
+
 @njit(cache=True, fastmath=True)
 def silu_mul(y, n, gate_col, up_col, width, out):
     """out[t] = silu(gate) * up, the SwiGLU of the feed-forward block, for gate and up in
@@ -174,6 +235,38 @@ def _attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, o
 
     def portable(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out):
         attention(y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+    return portable
+
+
+def attention_kv_at(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+    """attention_at() over caches of types kt, vt (literal codes of kernels/kvcache.py): float32
+    caches take attention_at itself, unchanged; the other types attention_kv (portable) or its
+    AVX2 version from that level on. Only one is compiled."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(attention_kv_at, prefer_literal=True)
+def _attention_kv_at(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+    if not all(isinstance(a, types.IntegerLiteral) for a in (isa, kt, vt)):
+        return None
+    from pyllm.kernels.cpu import AVX2, isa_supported
+
+    if kt.literal_value == kvcache.F32 and vt.literal_value == kvcache.F32:
+        def f32(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+            attention_at(isa, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, out)
+
+        return f32
+    if isa.literal_value >= AVX2 and isa_supported(AVX2):
+        from pyllm.kernels.ops_avx2 import attention_kv as fast
+
+        def impl(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+            fast(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, qqs, f16, out)
+
+        return impl
+
+    def portable(isa, kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out):
+        attention_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, accs, qqs, f16, out)
 
     return portable
 

@@ -10,7 +10,8 @@ float rounding; tests/test_ops.py holds it to the portable version and to float6
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
+from pyllm.kernels import kvcache
 from pyllm.kernels.simd import (
     bits_as_f32,
     f32_to_i32,
@@ -175,3 +176,81 @@ def silu_mul(y, n, gate_col, up_col, width, out):
             g = load_f32x8(row, gate_col + j)
             e = vexp(vsub(zero_f32(), g))
             store_f32x8(o, j, vmul(vdiv(g, vadd(one, e)), load_f32x8(row, up_col + j)))
+
+
+@njit(inline="always", fastmath=True)
+def _attend_kv(kt, vt, q, q_col, qq, kf, vf, kbase, vbase, krow, vrow, g, n_keys, group, hd, sc, f16, out_row):
+    """_attend for caches of any type (kernels/kvcache.py): kf, vf the caches flattened, kbase,
+    vbase the offsets of kv head g's rows, krow, vrow a row's length in elements; qq (group,
+    q8_0 row) scratch for the quantized query."""
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for hh in range(group):
+        qo = q_col + (g * group + hh) * hd
+        qh = qq[hh]
+        kvcache.prepare_q(kt, q, qo, qh, hd, f16)
+        s = sc[hh]
+        top = splat_f32(-np.inf)
+        j = 0
+        while j + 8 <= n_keys:  # scores, eight keys at a time
+            v = vmul(kvcache.dot8(kt, q, qo, qh, kf, kbase + j * krow, krow, hd), splat_f32(scale))
+            store_f32x8(s, j, v)
+            top = vmax(top, v)
+            j += 8
+        best = hmax_f32(top)
+        while j < n_keys:
+            s[j] = kvcache.dot(kt, q, qo, qh, kf, kbase + j * krow, hd, f16) * scale
+            best = max(best, s[j])
+            j += 1
+        tot = zero_f32()
+        j = 0
+        while j + 8 <= n_keys:  # exponentials, eight at a time
+            e = vexp(vsub(load_f32x8(s, j), splat_f32(best)))
+            store_f32x8(s, j, e)
+            tot = vadd(tot, e)
+            j += 8
+        total = hsum_f32(tot)
+        while j < n_keys:
+            s[j] = np.exp(s[j] - best)
+            total += s[j]
+            j += 1
+        inv = splat_f32(np.float32(1.0) / total)
+        o = (g * group + hh) * hd
+        for c in range(0, hd, 8):  # out = sum_j s[j] V[j], four chains of FMAs
+            a0 = zero_f32()
+            a1 = zero_f32()
+            a2 = zero_f32()
+            a3 = zero_f32()
+            j = 0
+            while j + 4 <= n_keys:
+                base = vbase + j * vrow
+                a0 = fmadd(splat_f32(s[j]), kvcache.load8(vt, vf, base, c), a0)
+                a1 = fmadd(splat_f32(s[j + 1]), kvcache.load8(vt, vf, base + vrow, c), a1)
+                a2 = fmadd(splat_f32(s[j + 2]), kvcache.load8(vt, vf, base + 2 * vrow, c), a2)
+                a3 = fmadd(splat_f32(s[j + 3]), kvcache.load8(vt, vf, base + 3 * vrow, c), a3)
+                j += 4
+            while j < n_keys:
+                a0 = fmadd(splat_f32(s[j]), kvcache.load8(vt, vf, vbase + j * vrow, c), a0)
+                j += 1
+            store_f32x8(out_row, o + c, vmul(vadd(vadd(a0, a1), vadd(a2, a3)), inv))
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention_kv(kt, vt, y, q_col, n, k_cache, v_cache, start_pos, scores, qqs, f16, out):
+    """kernels/ops.py's attention_kv, same arguments but accs; head_dim a multiple of 8."""
+    literally(kt)
+    literally(vt)
+    n_kv, n_ctx = k_cache.shape[0], k_cache.shape[1]
+    krow, vrow = k_cache.shape[2], v_cache.shape[2]
+    group = scores.shape[1]
+    hd = out.shape[1] // group // n_kv
+    kf, vf = k_cache.reshape(-1), v_cache.reshape(-1)
+    for job in prange((n + 1) // 2 * n_kv):
+        g, t = job % n_kv, job // n_kv
+        sc, qq = scores[numba.get_thread_id()], qqs[numba.get_thread_id()]
+        kb, vb = g * n_ctx * krow, g * n_ctx * vrow
+        _attend_kv(kt, vt, y[t], q_col, qq, kf, vf, kb, vb, krow, vrow, g, start_pos + t + 1, group, hd, sc, f16,
+                   out[t])
+        if n - 1 - t != t:
+            t2 = n - 1 - t
+            _attend_kv(kt, vt, y[t2], q_col, qq, kf, vf, kb, vb, krow, vrow, g, start_pos + t2 + 1, group, hd, sc, f16,
+                       out[t2])

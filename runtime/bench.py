@@ -80,10 +80,9 @@ def bytes_per_token(model) -> int:
     return model.weight_bytes - embd
 
 
-def cache_type(model) -> str:
-    """The KV cache's element type in llama.cpp's spelling (f32, f16, ...)."""
-    dtype = np.dtype(model.k_cache.dtype)
-    return {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}.get(dtype, dtype.name)
+def cache_types(model) -> tuple:
+    """The K and V cache types in llama.cpp's spelling (f32, f16, q8_0, q4_0)."""
+    return model.cache_types
 
 
 def cpu_info() -> str:
@@ -281,8 +280,8 @@ def bench(model, n_prompt=(512,), n_gen=(128,), threads=(None,), repetitions: in
                 model_n_params=model.n_params,
                 n_batch=n_batch,
                 n_threads=n_threads,
-                type_k=cache_type(model),
-                type_v=cache_type(model),
+                type_k=cache_types(model)[0],
+                type_v=cache_types(model)[1],
                 n_prompt=p,
                 n_gen=g,
                 bytes_per_token=bytes_per_token(model),
@@ -305,6 +304,7 @@ def bench(model, n_prompt=(512,), n_gen=(128,), threads=(None,), repetitions: in
 # -- output ---------------------------------------------------------------------------------
 
 MARKDOWN_COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s", "GB/s")
+KV_COLUMNS = ("type_k", "type_v")  # shown after threads when a cache type is not the default f16, as llama-bench
 CSV_FIELDS = (
     "cpu_info", "gpu_info", "backends", "model_filename", "model_type", "model_size", "model_n_params",
     "n_batch", "n_threads", "type_k", "type_v", "n_gpu_layers", "n_prompt", "n_gen", "n_depth", "test_time",
@@ -324,16 +324,26 @@ def format_params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
 
 
-def markdown_header() -> str:
-    head = "| " + " | ".join(MARKDOWN_COLUMNS) + " |"
-    align = "| " + " | ".join("---" if c in ("model", "backend", "test") else "---:" for c in MARKDOWN_COLUMNS) + " |"
+def _columns(kv: bool) -> tuple:
+    at = MARKDOWN_COLUMNS.index("threads") + 1
+    return MARKDOWN_COLUMNS[:at] + KV_COLUMNS + MARKDOWN_COLUMNS[at:] if kv else MARKDOWN_COLUMNS
+
+
+def markdown_header(kv: bool = False) -> str:
+    """The table's header; kv: with the type_k and type_v columns."""
+    cols = _columns(kv)
+    head = "| " + " | ".join(cols) + " |"
+    align = "| " + " | ".join("---" if c in ("model", "backend", "test") else "---:" for c in cols) + " |"
     return head + "\n" + align
 
 
-def markdown_row(r: BenchResult) -> str:
+def markdown_row(r: BenchResult, kv: bool = False) -> str:
     gbps = "" if r.avg_gbps is None else f"{r.avg_gbps:.2f}"
     cells = (r.model_type, format_size(r.model_size), format_params(r.model_n_params), BACKEND, str(r.n_threads),
              r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", gbps)
+    if kv:
+        at = MARKDOWN_COLUMNS.index("threads") + 1
+        cells = cells[:at] + (r.type_k, r.type_v) + cells[at:]
     return "| " + " | ".join(cells) + " |"
 
 

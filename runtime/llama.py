@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pyllm.base import PyllmError
+from pyllm.kernels import kvcache
 from pyllm.kernels.forward import Decoder
 from pyllm.kernels.quants import QTensor
 from pyllm.runtime.gguf_file import GGUFFile
@@ -236,7 +237,7 @@ class Model:
     output: QTensor  # (vocab, hidden); token_embd when the embeddings are tied
     rope_cos: np.ndarray = field(repr=False, default=None)  # (n_ctx, rope_dim/2)
     rope_sin: np.ndarray = field(repr=False, default=None)
-    k_cache: np.ndarray = field(repr=False, default=None)  # (layers, n_kv, n_ctx, head_dim)
+    k_cache: np.ndarray = field(repr=False, default=None)  # (layers, n_kv, n_ctx, row): kernels/kvcache.py
     v_cache: np.ndarray = field(repr=False, default=None)
     tokens: list = field(default_factory=list)
     n_evaluated: int = 0  # tokens run through the network since load (for stats and tests)
@@ -248,8 +249,14 @@ class Model:
         return self.gguf.metadata
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, tokenizer, n_ctx: int) -> "Model":
+    def from_gguf(cls, gguf: GGUFFile, tokenizer, n_ctx: int, cache_type_k: str = kvcache.DEFAULT,
+                  cache_type_v: str = kvcache.DEFAULT) -> "Model":
+        """The model of gguf with a K/V cache of n_ctx positions of types cache_type_k, cache_type_v
+        (kernels/kvcache.py: f32, f16, q8_0, q4_0)."""
         a = ModelArgs.from_gguf(gguf)
+        type_k, type_v = kvcache.kv_type(cache_type_k), kvcache.kv_type(cache_type_v)
+        kvcache.check_head_dim(type_k, a.head_dim, "K")
+        kvcache.check_head_dim(type_v, a.head_dim, "V")
         if a.sliding_window and n_ctx > a.sliding_window:
             raise PyllmError(f"{gguf.path}: the model attends over a sliding window of {a.sliding_window} tokens, "
                              f"which pyllm does not implement; use a context of at most that (-c {a.sliding_window})")
@@ -307,7 +314,7 @@ class Model:
         output = token_embd if a.tie_word_embeddings else weight("output.weight", a.vocab_size, d)
         freq_factors = vector("rope_freqs.weight", a.rope_dim // 2, required=False)  # Llama-3 rope scaling
         cos, sin = rope_tables(n_ctx, a.rope_dim, a.rope_theta, a.rope_scaling, freq_factors)
-        cache_shape = (a.num_hidden_layers, a.num_key_value_heads, n_ctx, hd)
+        cache = (a.num_hidden_layers, a.num_key_value_heads, n_ctx, hd)
         return cls(
             args=a,
             gguf=gguf,
@@ -319,8 +326,8 @@ class Model:
             output=output,
             rope_cos=cos,
             rope_sin=sin,
-            k_cache=np.zeros(cache_shape, dtype=np.float32),
-            v_cache=np.zeros(cache_shape, dtype=np.float32),
+            k_cache=kvcache.new_cache(type_k, *cache, which="K"),
+            v_cache=kvcache.new_cache(type_v, *cache, which="V"),
         )
 
     # -- cache bookkeeping -------------------------------------------------------------
@@ -419,6 +426,18 @@ class Model:
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.gguf.tensors.values())
+
+    @property
+    def cache_types(self) -> tuple:
+        """The K and V cache types' names, e.g. ('f16', 'f16')."""
+        hd = self.args.head_dim
+        return kvcache.cache_type(self.k_cache, hd).name, kvcache.cache_type(self.v_cache, hd).name
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K/V cache bytes per cached token (all layers)."""
+        a = self.args
+        return kvcache.bytes_per_token(*self.cache_types, a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
     # -- the Python API ------------------------------------------------------------------
 

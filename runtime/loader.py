@@ -21,17 +21,22 @@ def load_tokenizer(path):
     return Tokenizer.from_metadata(GGUFFile(path).metadata)
 
 
-def load(path=None, n_ctx: int | None = None, n_threads: int | None = None, lora=None):
+def load(path=None, n_ctx: int | None = None, n_threads: int | None = None, lora=None,
+         cache_type_k: str | None = None, cache_type_v: str | None = None):
     """Open a GGUF model for inference.
 
     path: a .gguf file (None: the bundled stories260K). n_ctx: positions in the KV cache
     (default min(4096, the model's context)). n_threads: kernel threads (default all cores).
     lora: LoRA adapters to apply, [(adapter.gguf, scale), ...] (llama.cpp's format).
+    cache_type_k, cache_type_v: the K/V cache types, as llama.cpp's -ctk/-ctv: f32, f16 (the
+    default), q8_0, q4_0 (kernels/kvcache.py).
     """
-    from pyllm.kernels import set_threads
+    from pyllm.kernels import kvcache, set_threads
     from pyllm.runtime.llama import Model
     from pyllm.runtime.tokenizer import Tokenizer
 
+    type_k = kvcache.kv_type(cache_type_k or kvcache.DEFAULT)  # bad names fail before the file is read
+    type_v = kvcache.kv_type(cache_type_v or kvcache.DEFAULT)
     gguf = GGUFFile(bundled_model() if path is None else path)
     if not gguf.tensors:
         raise PyllmError(f"{gguf.path}: has no tensors (a vocab-only file?); it can tokenize but not generate")
@@ -43,7 +48,7 @@ def load(path=None, n_ctx: int | None = None, n_threads: int | None = None, lora
     if n_ctx < 1:
         raise PyllmError(f"context size must be positive, got {n_ctx}")
     set_threads(n_threads)
-    model = Model.from_gguf(gguf, tokenizer, n_ctx)
+    model = Model.from_gguf(gguf, tokenizer, n_ctx, type_k.name, type_v.name)
     if lora:
         from pyllm.runtime.lora import load_adapters
 

@@ -33,7 +33,7 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stories(stories260k):
-    return load(stories260k, n_ctx=N_CTX)
+    return load(stories260k, n_ctx=N_CTX, cache_type_k="f32", cache_type_v="f32")  # float32 K/V, as the reference
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,9 @@ def main(argv=None):
     p.add_argument("--llama-cpp-bin", type=Path, default=None)
     p.add_argument("--skip", default="", help="parts to leave out: ppl,decode,rss")
     args = p.parse_args(argv)
-    text = Path(args.text).read_text(encoding="utf-8")
+    from pyllm.runtime.perplexity import read_text
+
+    text = read_text(args.text)  # as llama-perplexity reads it: wikitext's \r\n kept
     skip = set(args.skip.split(","))
     rss_ctx = [int(c) for c in args.rss_ctx.split(",")]
     print("| cache (K = V) | KV bytes/token | PPL (pyllm) | PPL (llama.cpp) | tg at depth (pyllm) | "

@@ -43,9 +43,12 @@ def llama_ppl(path: Path, text: Path, n_ctx: int, chunks: int, threads: int):
     if not exe.exists():
         return None
     cmd = [str(exe), "-m", str(path), "-f", str(text), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
-    return (float(m.group(1)), float(m.group(2))) if m else None
+    for _ in range(5):  # its logger thread can lose the last lines at exit on a busy machine: retry
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
+        if m:
+            return float(m.group(1)), float(m.group(2))
+    return None
 
 
 def main(argv=None):

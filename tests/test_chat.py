@@ -109,7 +109,7 @@ def rendered_ids(model, messages) -> list:
     return encode_rendered(model.tokenizer, text)
 
 
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def test_completion_shape_usage_and_greedy_text(smol_model):
@@ -277,7 +277,7 @@ def session_for(model, max_tokens=30, system=None, n_ctx=None, notes=None):
 
 def test_turn_two_evaluates_only_new_tokens(smol_model):
     s = session_for(smol_model, max_tokens=20)
-    first = s.reply("What is the capital of France?")
+    first = s.reply("What is the capital of France? Answer in one sentence.")
     assert "Paris" in first
     after_1 = list(smol_model.tokens)
     n0 = smol_model.n_evaluated
@@ -403,7 +403,7 @@ def test_completion_mode_and_a_failed_turn(stories260k):
 
 def test_lines_in_replies_out(smollm2):
     proc = run_pyllm(["chat", str(smollm2), "--temp", "0", "-n", "30", "-t", "1"],
-                     input="What is the capital of France?\nAnd what is the capital of Germany?\n")
+                     input="What is the capital of France? Answer in one sentence.\nAnd what is the capital of Germany?\n")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 2, proc.stdout
@@ -419,7 +419,7 @@ def fuzz_lines(seed: int) -> list:
     def junk(n):  # any byte but the line ends (\r counts as one: stdin is read with universal newlines)
         return bytes(rng.choice([b for b in range(256) if b not in b"\r\n"]) for _ in range(n))
 
-    lines = [b"What is the capital of France?", b"Hi \xff\xfe there", junk(60), b"/unknown", b"",
+    lines = [b"What is the capital of France? Answer in one sentence.", b"Hi \xff\xfe there", junk(60), b"/unknown", b"",
              bytes(range(1, 10)) + bytes(range(11, 13)) + bytes(range(14, 32)) + b"\x7f \x1b[31m red \x1b[0m",
              b"   ", junk(100_000), b"/frobnicate with args", b"\\", b"Name a color.", b"\xe2\x82 cut short",
              b"/save", b"/load /nonexistent/conversation.json", junk(40),
@@ -485,7 +485,7 @@ def test_repl_in_a_terminal(smollm2, tmp_path):
     try:
         child.expect("/help")  # the banner
         child.expect(prompt)
-        child.sendline("What is the capital of France?")
+        child.sendline("What is the capital of France? Answer in one sentence.")
         child.expect("Paris")
         child.expect(prompt)
         child.sendline("And what is the capital of Germany?")  # needs the previous turn to make sense

@@ -18,6 +18,9 @@ from tuner_helpers import load_base
 BIN = os.environ.get("PYLLM_LLAMA_CPP_BIN")
 
 
+F32_CACHE = dict(cache_type_k="f32", cache_type_v="f32")  # float32 throughout, like the reference
+
+
 def random_adapter(path, base_path, targets=("q", "k", "v", "o", "gate", "up", "down"), rank=4, alpha=8.0, size=0.05,
                    seed=0):
     """An adapter with random A and B for every layer of a base model."""
@@ -64,16 +67,17 @@ def test_runtime_applies_the_adapter_like_merged_weights(tmp_path, stories260k):
     user_scale = 0.7
     for n in w.names:
         weights[n] = weights[n] + user_scale * 8.0 / 4 * (w.b[n].astype(np.float64) @ w.a[n].astype(np.float64))
-    model = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", user_scale)])
+    model = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", user_scale)], **F32_CACHE)
     ids = model.tokenizer.encode("Once upon a time, there was a little dog.")
     ref = forward(weights, hp, ids)
-    base = pyllm.load(stories260k, n_ctx=64).logits(ids)
+    base = pyllm.load(stories260k, n_ctx=64, **F32_CACHE).logits(ids)
     assert np.abs(ref - base).max() > 0.5  # the adapter matters
     np.testing.assert_allclose(model.logits(ids), ref, atol=2e-3)
     # two adapters add up; scale 0 is the base model
-    model2 = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", 0.3), (tmp_path / "a.gguf", 0.4)])
+    model2 = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", 0.3), (tmp_path / "a.gguf", 0.4)],
+                        **F32_CACHE)
     np.testing.assert_allclose(model2.logits(ids), ref, atol=2e-3)
-    model0 = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", 0.0)])
+    model0 = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", 0.0)], **F32_CACHE)
     np.testing.assert_allclose(model0.logits(ids), base, atol=1e-5)
 
 
@@ -175,8 +179,10 @@ def trained_stories_adapter(tmp_path_factory, stories260k):
 @pytest.mark.parametrize("prompt", ["Every morning the", "Children in the", "When it rains,", "Once upon a time"])
 def test_llama_cpp_gives_the_same_greedy_text_with_a_trained_adapter(stories260k, trained_stories_adapter, prompt):
     llama_completion()
+    # pyllm with a float32 K/V cache: with its f16 default one near-tie of "Once upon a time" falls
+    # the other way (llama-completion's own -ctk f32 output came back cut short, so it keeps f16)
     ours = cli("generate", "-m", stories260k, "--lora", trained_stories_adapter, "-p", prompt, "-n", "20",
-               "--temp", "0")
+               "--temp", "0", "-ctk", "f32", "-ctv", "f32")
     assert ours.returncode == 0, ours.stderr
     theirs = llama_cpp_greedy(stories260k, trained_stories_adapter, prompt, 20)
     assert ours.stdout.strip() == theirs.strip()

@@ -121,9 +121,10 @@ def test_peft_export_matches_the_hugging_face_checkpoint(tmp_path, stories260k):
     assert t["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape == (4, 64)
     assert t["base_model.model.model.layers.4.mlp.down_proj.lora_B.weight"].shape == (64, 4)
     ids = pyllm.load_tokenizer(stories260k).encode("Once upon a time, there was a big tree.")
-    ours = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", 1.0)]).logits(ids)
+    ours = pyllm.load(stories260k, n_ctx=64, lora=[(tmp_path / "a.gguf", 1.0)],
+                      cache_type_k="f32", cache_type_v="f32").logits(ids)
     hf = _hf_forward(Path(hf_dir), tmp_path / "peft", ids)
-    base = pyllm.load(stories260k, n_ctx=64).logits(ids)
+    base = pyllm.load(stories260k, n_ctx=64, cache_type_k="f32", cache_type_v="f32").logits(ids)
     assert np.abs(hf - base).max() > 0.5  # the adapter changes the logits ...
     np.testing.assert_allclose(ours, hf, atol=2e-3)  # ... the same way in both layouts
 

@@ -21,7 +21,7 @@ quantize -> [down] (+ residual). LoRA adapters add s * B (A x) to a product's ou
 after its `linears` call, from the same input in float32 (Decoder.set_lora; serial: for a
 rank-8 adapter that is ~1% of a token's work).
 
-The K/V cache has one of the types of kernels/kvcache.py (f32, f16, q8_0, q4_0), a compile-time
+The K/V cache has one of the types of kernels/kvcache.py (f32, f16, q8_0, q4_0, fp8_e4m3), a compile-time
 constant of the step like the weight types: kvcache.store_kv writes it, attention reads it
 through kvcache's typed kernels (float32 caches through ops._kv_dot and ops._kv_axpy).
 """

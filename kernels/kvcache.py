@@ -1,4 +1,5 @@
-"""The K/V cache's storage types: f32, f16, q8_0, q4_0, and the kernels that write and read them.
+"""The K/V cache's storage types: f32, f16, q8_0, q4_0, fp8_e4m3, and the kernels that write and
+read them.
 
 One table (TYPES) knows each type; attention (kernels/ops.py, kernels/ops_avx2.py) reaches the
 cache only through the typed kernels below, each a function of a compile-time type code (a
@@ -14,19 +15,25 @@ one key (or value) of one kv head:
     q4_0  uint8 (n_kv, n_ctx, 18 * head_dim / 32): ggml's block_q4_0 (d:f16, qs[16]; element
           j < 16 is the low nibble of qs[j], j >= 16 the high nibble of qs[j - 16]; value
           (nibble - 8) * d)
+    fp8_e4m3  uint8 (n_kv, n_ctx, 33 * head_dim / 32): pyllm's FP8_E4M3 block (kernels/lowbit.py:
+          e:E8M0 scale, q[32] OCP E4M3 codes; value 2^(e-127) * E4M3(q[j])). llama.cpp has no
+          such cache type (a cache is never written to a file, so nothing else must read it).
 
 Rounding is what llama.cpp's CPU backend does when it copies K/V into such a cache
 (ggml-cpu/ops.cpp set_rows / dup call type_traits_cpu[type].from_float, ggml-cpu.c):
 f16: ggml_cpu_fp32_to_fp16 (vcvtps2ph, round to nearest even); q8_0: the x86
 quantize_row_q8_0 (ggml-cpu/arch/x86/quants.c: d = max|x| / 127, q = round-half-even(x * 127 /
 max|x|)); q4_0: quantize_row_q4_0, which is the reference quantize_row_q4_0_ref (ggml-quants.c:
-d = the signed value of largest magnitude / -8, q = min(15, (int)(x / d + 8.5))).
+d = the signed value of largest magnitude / -8, q = min(15, (int)(x / d + 8.5))); fp8_e4m3: the
+weight type's own quantizer (lowbit.quantize_fp8_e4m3: the power-of-two scale that brings the
+block's largest finite magnitude within E4M3's max 448, values rounded to nearest even, saturating).
 
 Reading: keys are dotted with the query block by block, values accumulated block by block, from
 the stored bytes (never a dequantized copy of the cache). For a q8_0/q4_0 K cache the query is
 first quantized to q8_0 too (once per query head), and each key block meets it in an integer dot
 product, as llama.cpp does (vec_dot_type of q8_0 and q4_0 is q8_0, for both its attention
-paths): s = sum over blocks of d_k * d_q * sum(k_i * q_i).
+paths): s = sum over blocks of d_k * d_q * sum(k_i * q_i). An fp8_e4m3 key meets the float
+query: s = sum over blocks of 2^(e-127) * sum(E4M3(k_i) * q_i).
 
 The kernels (t: the type code, a literal; c: a cache flattened to 1-D, co: the element offset of
 a row in it; x, q: float32 arrays with the values at xo, qo; f16: quants.F16_TABLE):
@@ -49,10 +56,11 @@ from numba import literally, njit
 from numba.core import types
 from numba.extending import intrinsic, overload
 from pyllm.base import GGMLType, PyllmError
+from pyllm.kernels.lowbit import E8M0_TABLE, quantize_fp8_e4m3
 from pyllm.kernels.quantize import f32_to_f16, row_q4_0
 from pyllm.kernels.quants import half
 
-F32, F16, Q8_0, Q4_0 = range(4)
+F32, F16, Q8_0, Q4_0, FP8_E4M3 = range(5)
 
 KVType = namedtuple("KVType", "name code ggml block nbytes")
 KVType.__doc__ = "A cache type: name (as llama.cpp spells it), code, GGML type, values and bytes per block."
@@ -61,6 +69,7 @@ TYPES = (
     KVType("f16", F16, GGMLType.F16, 1, 2),
     KVType("q8_0", Q8_0, GGMLType.Q8_0, 32, 34),
     KVType("q4_0", Q4_0, GGMLType.Q4_0, 32, 18),
+    KVType("fp8_e4m3", FP8_E4M3, GGMLType.FP8_E4M3, 32, 33),
 )
 NAMES = tuple(t.name for t in TYPES)
 DEFAULT = "f16"  # llama.cpp's default
@@ -117,6 +126,19 @@ def bytes_per_token(type_k, type_v, n_layers: int, n_kv: int, head_dim: int) -> 
     return n_layers * n_kv * (row_bytes(type_k, head_dim) + row_bytes(type_v, head_dim))
 
 
+def _e4m3_values() -> np.ndarray:
+    """The float32 value of each E4M3 code (OCP FP8: S.EEEE.MMM, bias 7). The bits EEEE.MMM put
+    at float32's bits 26..20 read as 2^(E-127) (1 + M/8), or M/8 2^-126 for E = 0, so times
+    2^120 they are E4M3's normals and subnormals (M 2^-9) at once; S.1111.111 is NaN."""
+    c = np.arange(256, dtype=np.uint32)
+    v = ((c & 0x7F) << 20).view(np.float32).astype(np.float64) * 2.0 ** 120
+    v = np.where(c & 0x80, -v, v)
+    v[(c & 0x7F) == 0x7F] = np.nan
+    return v.astype(np.float32)
+
+
+E4M3_VALUES = _e4m3_values()
+
 # -- the portable kernels ---------------------------------------------------------------------
 
 
@@ -172,6 +194,11 @@ def _store_q4_0(t, x, xo, c, co, hd, f16):
     row_q4_0(x[xo:xo + hd], c[co:co + 18 * (hd // 32)], f16)
 
 
+def _store_fp8(t, x, xo, c, co, hd, f16):
+    for b in range(hd // 32):
+        quantize_fp8_e4m3(x[xo + 32 * b:xo + 32 * b + 32], c[co + 33 * b:co + 33 * b + 33])
+
+
 def _prepare_none(t, q, qo, qq, hd, f16):
     pass
 
@@ -216,6 +243,17 @@ def _dot_q4_0(t, q, qo, qq, c, co, hd, f16):
     return s
 
 
+def _dot_fp8(t, q, qo, qq, c, co, hd, f16):
+    s = np.float32(0.0)
+    for b in range(hd // 32):
+        o, x = co + 33 * b, qo + 32 * b
+        acc = np.float32(0.0)
+        for j in range(32):
+            acc += q[x + j] * E4M3_VALUES[c[o + 1 + j]]
+        s += E8M0_TABLE[c[o]] * acc
+    return s
+
+
 def _axpy_f32(t, c, co, w, acc, hd, f16):
     for d in range(hd):
         acc[d] += w * c[co + d]
@@ -242,10 +280,18 @@ def _axpy_q4_0(t, c, co, w, acc, hd, f16):
             acc[32 * b + j] += wd * np.float32(_u4(c, o, j))
 
 
-_STORE = (_store_f32, _store_f16, _store_q8_0, _store_q4_0)
-_PREPARE = (_prepare_none, _prepare_none, _prepare_q8_0, _prepare_q8_0)
-_DOT = (_dot_f32, _dot_f16, _dot_q8_0, _dot_q4_0)
-_AXPY = (_axpy_f32, _axpy_f16, _axpy_q8_0, _axpy_q4_0)
+def _axpy_fp8(t, c, co, w, acc, hd, f16):
+    for b in range(hd // 32):
+        o = co + 33 * b
+        wd = w * E8M0_TABLE[c[o]]
+        for j in range(32):
+            acc[32 * b + j] += wd * E4M3_VALUES[c[o + 1 + j]]
+
+
+_STORE = (_store_f32, _store_f16, _store_q8_0, _store_q4_0, _store_fp8)
+_PREPARE = (_prepare_none, _prepare_none, _prepare_q8_0, _prepare_q8_0, _prepare_none)
+_DOT = (_dot_f32, _dot_f16, _dot_q8_0, _dot_q4_0, _dot_fp8)
+_AXPY = (_axpy_f32, _axpy_f16, _axpy_q8_0, _axpy_q4_0, _axpy_fp8)
 _FAST = {"fastmath": True}  # the float sums may be reassociated (vectorised), as in ops.py
 
 
@@ -353,6 +399,29 @@ def u4x8_f32(typingctx, arr, i, shift):
         return builder.sitofp(q, ir.VectorType(ir.FloatType(), 8))
 
     return F32x8(arr, i, shift), codegen
+
+
+@intrinsic
+def e4m3x8_f32(typingctx, arr, i):
+    """8 E4M3 codes of a uint8 array from element i, as 8 float32 lanes: E4M3_VALUES' bit move
+    (magnitude bits to float32's 26..20, times 2^120, the sign bit on top; 0x7F magnitude NaN)."""
+    from pyllm.kernels.simd import F32x8
+
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v8, v32, vf = ir.VectorType(ir.IntType(8), 8), ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.FloatType(), 8)
+        v = builder.zext(builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], v8), align=1), v32)
+        mag = builder.and_(v, ir.Constant(v32, [0x7F] * 8))
+        sign = builder.shl(builder.and_(v, ir.Constant(v32, [0x80] * 8)), ir.Constant(v32, [24] * 8))
+        f = builder.bitcast(builder.shl(mag, ir.Constant(v32, [20] * 8)), vf)
+        f = builder.fmul(f, ir.Constant(vf, [2.0 ** 120] * 8))  # exact: no fast-math flags (denormals in)
+        f = builder.bitcast(builder.or_(builder.bitcast(f, v32), sign), vf)
+        nan = builder.icmp_unsigned("==", mag, ir.Constant(v32, [0x7F] * 8))
+        return builder.select(nan, ir.Constant(vf, [float("nan")] * 8), f)
+
+    return F32x8(arr, i), codegen
 
 
 @functools.cache
@@ -503,7 +572,37 @@ def _avx2():
         j = d & 31
         return vmul(u4x8_f32(c, o + 2 + (j & 15), 4 if j >= 16 else 0), splat_f32(f16_at(c, o)))
 
-    return (dot8_f32, dot8_f16, dot8_q8_0, dot8_q4_0), (load8_f32, load8_f16, load8_q8_0, load8_q4_0)
+    @njit(inline="always")
+    def fp8_at(c, co, d):
+        o = co + 33 * (d >> 5)
+        return vmul(e4m3x8_f32(c, o + 1 + (d & 31)), splat_f32(E8M0_TABLE[c[o]]))
+
+    def dot8_fp8(t, q, qo, qq, c, co, stride, hd):
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        a4 = zero_f32()
+        a5 = zero_f32()
+        a6 = zero_f32()
+        a7 = zero_f32()
+        for d in range(0, hd, 8):
+            qv = load_f32x8(q, qo + d)
+            a0 = fmadd(qv, fp8_at(c, co, d), a0)
+            a1 = fmadd(qv, fp8_at(c, co + stride, d), a1)
+            a2 = fmadd(qv, fp8_at(c, co + 2 * stride, d), a2)
+            a3 = fmadd(qv, fp8_at(c, co + 3 * stride, d), a3)
+            a4 = fmadd(qv, fp8_at(c, co + 4 * stride, d), a4)
+            a5 = fmadd(qv, fp8_at(c, co + 5 * stride, d), a5)
+            a6 = fmadd(qv, fp8_at(c, co + 6 * stride, d), a6)
+            a7 = fmadd(qv, fp8_at(c, co + 7 * stride, d), a7)
+        return sums8(a0, a1, a2, a3, a4, a5, a6, a7)
+
+    def load8_fp8(t, c, co, d):
+        return fp8_at(c, co, d)
+
+    return ((dot8_f32, dot8_f16, dot8_q8_0, dot8_q4_0, dot8_fp8),
+            (load8_f32, load8_f16, load8_q8_0, load8_q4_0, load8_fp8))
 
 
 def dot8(t, q, qo, qq, c, co, stride, hd):

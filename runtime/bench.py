@@ -81,7 +81,7 @@ def bytes_per_token(model) -> int:
 
 
 def cache_types(model) -> tuple:
-    """The K and V cache types in llama.cpp's spelling (f32, f16, q8_0, q4_0)."""
+    """The K and V cache types in llama.cpp's spelling (f32, f16, q8_0, q4_0; pyllm's fp8_e4m3)."""
     return model.cache_types
 
 

@@ -252,7 +252,7 @@ class Model:
     def from_gguf(cls, gguf: GGUFFile, tokenizer, n_ctx: int, cache_type_k: str = kvcache.DEFAULT,
                   cache_type_v: str = kvcache.DEFAULT) -> "Model":
         """The model of gguf with a K/V cache of n_ctx positions of types cache_type_k, cache_type_v
-        (kernels/kvcache.py: f32, f16, q8_0, q4_0)."""
+        (kernels/kvcache.py: f32, f16, q8_0, q4_0, fp8_e4m3)."""
         a = ModelArgs.from_gguf(gguf)
         type_k, type_v = kvcache.kv_type(cache_type_k), kvcache.kv_type(cache_type_v)
         kvcache.check_head_dim(type_k, a.head_dim, "K")

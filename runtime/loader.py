@@ -29,7 +29,7 @@ def load(path=None, n_ctx: int | None = None, n_threads: int | None = None, lora
     (default min(4096, the model's context)). n_threads: kernel threads (default all cores).
     lora: LoRA adapters to apply, [(adapter.gguf, scale), ...] (llama.cpp's format).
     cache_type_k, cache_type_v: the K/V cache types, as llama.cpp's -ctk/-ctv: f32, f16 (the
-    default), q8_0, q4_0 (kernels/kvcache.py).
+    default), q8_0, q4_0, fp8_e4m3 (kernels/kvcache.py).
     """
     from pyllm.kernels import kvcache, set_threads
     from pyllm.runtime.llama import Model

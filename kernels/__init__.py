@@ -5,9 +5,36 @@ costs ~2.5 us there against ~45 us with the workqueue layer, and decode launches
 hundreds of them per token.
 """
 
+import hashlib
+import os
+from pathlib import Path
+
 import numba
 
 numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+def _cache_dir() -> Path:
+    """Numba's disk cache for pyllm: one directory per version of the sources and of Numba.
+
+    Numba checks only the timestamp of the file a cached function is defined in, so the
+    compiled step (kernels/forward.py) would outlive an edit of a kernel it inlines from
+    another file and run the old code. Keying the directory on the hash of every compiled
+    source (this package, the trainer's ops, base.py) makes any edit a fresh cache.
+    Under $NUMBA_CACHE_DIR when set, else ~/.cache/pyllm/numba (XDG_CACHE_HOME)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha1(f"{numba.__version__} {numba.config.PYVERSION}".encode())
+    for p in sorted([*root.glob("kernels/*.py"), *root.glob("tuner/*.py"), *root.glob("runtime/*.py"),
+                     root / "base.py"]):
+        h.update(p.name.encode() + p.read_bytes())
+    base = os.environ.get("NUMBA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "pyllm" / "numba"
+    return Path(base) / h.hexdigest()[:16]
+
+
+# Before any kernel module is imported: Numba picks a function's cache directory when it is
+# decorated. Where it cannot write there, it falls back to its own locations.
+numba.config.CACHE_DIR = str(_cache_dir())
 
 
 def max_threads() -> int:

@@ -2,7 +2,7 @@
 context, and max RSS -- pyllm's, with llama.cpp's beside it when its tools are given.
 
     python benchmarks/bench_kvcache.py MODEL.gguf --text wikitext-2-raw-wiki.test.raw \\
-        [--chunks 10] [--depth 2048] [-n 32] [-t 2] [--types f32,f16,q8_0,q4_0] [--llama-cpp-bin DIR]
+        [--chunks 10] [--depth 2048] [-n 32] [-t 2] [--types f32,f16,q8_0,q4_0,fp8_e4m3] [--llama-cpp-bin DIR]
 
 - PPL: `pyllm.runtime.perplexity` (llama-perplexity's method) over the first --chunks chunks of
   -c 512; llama.cpp: llama-perplexity with the same -ctk/-ctv and `-fa on` (a quantized V cache
@@ -14,6 +14,7 @@ context, and max RSS -- pyllm's, with llama.cpp's beside it when its tools are g
 """
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def pyllm_decode(model_path, types, depth, n_gen, threads, reps):
 
 
 def max_rss_mib(cmd) -> float:
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     if r.returncode != 0 or not m:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
@@ -64,7 +65,7 @@ def max_rss_mib(cmd) -> float:
 def llama_ppl(bin_dir, model_path, text_path, types, chunks, threads):
     r = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", model_path, "-f", text_path, "-c", "512",
                         "--chunks", str(chunks), "-t", str(threads), "-ctk", types[0], "-ctv", types[1], "-fa", "on"],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", r.stdout + r.stderr)
     return (float(m.group(1)), float(m.group(2))) if m else (float("nan"), float("nan"))
 
@@ -72,13 +73,15 @@ def llama_ppl(bin_dir, model_path, text_path, types, chunks, threads):
 def llama_decode(bin_dir, model_path, types, depth, n_gen, threads, reps):
     r = subprocess.run([str(bin_dir / "llama-bench"), "-m", model_path, "-p", "0", "-n", str(n_gen), "-d", str(depth),
                         "-t", str(threads), "-ctk", types[0], "-ctv", types[1], "-fa", "1", "-r", str(reps),
-                        "-o", "csv"], capture_output=True, text=True)
-    rows = [line for line in r.stdout.splitlines() if line.startswith('"')]
-    if len(rows) < 2:
+                        "-o", "json"], check=False, capture_output=True, text=True)
+    try:
+        (record,) = json.loads(r.stdout)
+        return float(record["avg_ts"])
+    except (ValueError, KeyError):
         return float("nan")
-    head = [c.strip('"') for c in rows[0].split('","')]
-    vals = [c.strip('"') for c in rows[1].split('","')]
-    return float(vals[head.index("avg_ts")])
+
+
+LLAMA_CPP_TYPES = {"f32", "f16", "q8_0", "q4_0"}  # fp8_e4m3 is pyllm's own
 
 
 def main(argv=None):
@@ -90,7 +93,7 @@ def main(argv=None):
     p.add_argument("-n", "--n-gen", type=int, default=32)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=2)
-    p.add_argument("--types", default="f32,f16,q8_0,q4_0", help="cache types (K = V) to measure")
+    p.add_argument("--types", default="f32,f16,q8_0,q4_0,fp8_e4m3", help="cache types (K = V) to measure")
     p.add_argument("--rss-ctx", default="2048,8192")
     p.add_argument("--llama-cpp-bin", type=Path, default=None)
     p.add_argument("--skip", default="", help="parts to leave out: ppl,decode,rss")
@@ -106,10 +109,11 @@ def main(argv=None):
     for t in args.types.split(","):
         types = (t, t)
         cells = [t]
+        llama = args.llama_cpp_bin if t in LLAMA_CPP_TYPES else None
         if "ppl" not in skip:
             ppl, err, per = pyllm_ppl(args.model, text, types, args.chunks, args.threads)
             cells += [str(per), f"{ppl:.4f} ± {err:.4f}"]
-            if args.llama_cpp_bin:
+            if llama:
                 lp, le = llama_ppl(args.llama_cpp_bin, args.model, args.text, types, args.chunks, args.threads)
                 cells.append(f"{lp:.4f} ± {le:.4f}")
             else:
@@ -119,7 +123,7 @@ def main(argv=None):
         if "decode" not in skip:
             run = (types, args.depth, args.n_gen, args.threads, args.repetitions)
             cells.append(f"{pyllm_decode(args.model, *run):.2f}")
-            cells.append(f"{llama_decode(args.llama_cpp_bin, args.model, *run):.2f}" if args.llama_cpp_bin else "")
+            cells.append(f"{llama_decode(llama, args.model, *run):.2f}" if llama else "")
         else:
             cells += ["", ""]
         if "rss" not in skip:
@@ -128,8 +132,8 @@ def main(argv=None):
                                     "-p", "Once upon a time", "--temp", "0", "-t", str(args.threads), "-ctk", t,
                                     "-ctv", t])
                 theirs = ""
-                if args.llama_cpp_bin:
-                    theirs = max_rss_mib([str(args.llama_cpp_bin / "llama-completion"), "-m", args.model, "-c", str(c),
+                if llama:
+                    theirs = max_rss_mib([str(llama / "llama-completion"), "-m", args.model, "-c", str(c),
                                           "-n", "16", "-p", "Once upon a time", "--temp", "0", "-t", str(args.threads),
                                           "-ctk", t, "-ctv", t, "-fa", "on", "-no-cnv", "--simple-io"])
                     theirs = f"{theirs:.0f}"

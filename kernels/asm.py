@@ -34,6 +34,7 @@ def avx2_probes(module):
     _probe(module, "maddubs", [i8x32, i8x32], i16x16, simd.emit_maddubs)
     _probe(module, "madd", [i16x16, i16x16], i32x8, simd.emit_madd)
     _probe(module, "sign", [i8x32, i8x32], i8x32, simd.emit_sign)
+    _probe(module, "shuffle_bytes", [i8x32, i8x32], i8x32, simd.emit_shuffle_bytes)
     half8 = ir.VectorType(ir.HalfType(), 8)
     _probe(module, "f16", [half8], _vec(32, 8, True), lambda b, h: b.fpext(h, _vec(32, 8, True)))
 

@@ -164,9 +164,14 @@ def _register_all():
         BlockType(Q5_1X8, None, ACT_Q8_1, None, {AVX2: x.mm_q5_1x8}, label="Q5_1x8"),
     ]:
         register(bt)
-    # pyllm's low-bit float types and ggml's MXFP4 (kernels/lowbit.py): float activations
+    # pyllm's low-bit float types and ggml's MXFP4 (kernels/lowbit.py): NF4 against Q8_0 in fixed
+    # point (dots.dot_nf4), the others with float activations
+    register(BlockType(T.NF4, lowbit.decode_nf4, ACT_Q8_0, d.dot_nf4, {AVX2: x.mm_nf4}, lowbit.row_nf4,
+                       check=lowbit.check_storable))
     for lt in lowbit.TYPES.values():
-        register(BlockType(lt.qtype, lt.decode, ACT_F32, lt.table_dot, {}, lt.quantize_row, check=lowbit.check_storable))
+        if lt.qtype != T.NF4:
+            register(BlockType(lt.qtype, lt.decode, ACT_F32, lt.table_dot, {}, lt.quantize_row,
+                               check=lowbit.check_storable))
 
 
 _register_all()

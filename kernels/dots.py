@@ -15,6 +15,7 @@ floats up to rounding. The float weight types (F32, F16, BF16) meet the float ac
 
 import numpy as np
 from numba import njit
+from pyllm.kernels.lowbit import NF4_INT, NF4_SHIFT
 from pyllm.kernels.quants import scale_min_k4, u32_at
 from pyllm.kernels.simd import f32_from_bits
 
@@ -48,6 +49,25 @@ def dot_q4_0(row, act, t):  # d:f16 qs[16]; element j < 16: low nibble of qs[j],
             v = np.int32(row[o + 2 + j])
             isum += ((v & 15) - 8) * np.int32(y[yo + j]) + ((v >> 4) - 8) * np.int32(y[yo + 16 + j])
         total += f16_to_f32(row, o) * dy[b] * np.float32(isum)
+    return total
+
+
+@njit(inline="always", fastmath=True)
+def dot_nf4(row, act, t):  # d:f16 qs[32]; element j < 32: low nibble of qs[j], else high of qs[j-32]
+    """NF4 against Q8_0 in fixed point (lowbit.NF4_INT, the levels x 2^12): per 32-value half,
+    d * 2^-12 * dy * sum(NF4_INT[code] * y)."""
+    y, dy = act.q8[t], act.d8[t]
+    total = np.float32(0.0)
+    for b in range(row.shape[0] // 34):
+        o, yo = 34 * b, 64 * b
+        lo = np.int32(0)
+        hi = np.int32(0)
+        for j in range(32):
+            v = np.int32(row[o + 2 + j])
+            lo += NF4_INT[v & 15] * np.int32(y[yo + j])
+            hi += NF4_INT[v >> 4] * np.int32(y[yo + 32 + j])
+        d = f16_to_f32(row, o) * np.float32(2.0 ** -NF4_SHIFT)
+        total += d * dy[2 * b] * np.float32(lo) + d * dy[2 * b + 1] * np.float32(hi)
     return total
 
 

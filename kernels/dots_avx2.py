@@ -26,6 +26,7 @@ only hands a kernel out on a host that has its instructions.
 
 import numpy as np
 from numba import njit
+from pyllm.kernels.lowbit import NF4_HI, NF4_LO, NF4_SHIFT
 from pyllm.kernels.quants import u32_at
 from pyllm.kernels.simd import (
     bcast4,
@@ -48,6 +49,7 @@ from pyllm.kernels.simd import (
     madd,
     maddubs,
     pairs_i16,
+    shuffle_bytes,
     sign,
     splat_f32,
     splat_i8,
@@ -182,6 +184,72 @@ mm_q5_0 = _signed32(22, _q5_0_quants, _dot_u8s8)
 mm_q8_0_vnni = _signed32(34, _q8_0_quants, _dot_u8s8_vnni)
 mm_q4_0_vnni = _signed32(18, _q4_0_quants, _dot_u8s8_vnni)
 mm_q5_0_vnni = _signed32(22, _q5_0_quants, _dot_u8s8_vnni)
+
+
+# -- NF4 x Q8_0: 16 float levels in fixed point, looked up with vpshufb ----------------------
+# lowbit.NF4_INT = 128 * NF4_HI + NF4_LO: the low 7 bits (0..127) meet y in one vpmaddubsw, the
+# signed rest (-32..32) in another through vpsignb, as Q4_0's; neither int16 pair sum saturates
+# (2 * 127 * 127, 2 * 32 * 127). Per 64-value block: d at 0, the low nibbles of qs[32] (at 2)
+# are values 0..31 (activation block 2b), the high nibbles 32..63 (block 2b + 1).
+
+_NF4_SCALE = np.float32(2.0 ** -NF4_SHIFT)
+
+
+@njit(inline="always")
+def _nf4_codes(row, o, shift):
+    """(low parts, |high parts|, high parts) of the 32 levels in nibble `shift` of row[o:o+32]."""
+    idx = vand(vshr(load_i8x32(row, o), shift), splat_i8(15))
+    hi = shuffle_bytes(load_i8x32(NF4_HI, 0), idx)
+    return shuffle_bytes(load_i8x32(NF4_LO, 0), idx), sign(hi, hi), hi
+
+
+@njit(inline="always")
+def _nf4_sums(codes, y, yo):
+    """int32 lanes of sum_j NF4_INT[code_j] * y[yo + j] over the 32 values of codes."""
+    lo, ahi, hi = codes
+    yv = load_i8x32(y, yo)
+    return vadd(madd(maddubs(lo, yv), splat_i16(1)), madd(maddubs(ahi, sign(yv, hi)), splat_i16(128)))
+
+
+@njit(inline="always", fastmath=True)
+def _nf4_x1(row, act, t):
+    y, dy = act.q8[t], act.d8[t]
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    for b in range(row.shape[0] // 34):
+        o = 34 * b
+        d = f16_at(row, o) * _NF4_SCALE
+        acc0 = fmadd(splat_f32(d * dy[2 * b]), cvt_f32(_nf4_sums(_nf4_codes(row, o + 2, 0), y, 64 * b)), acc0)
+        acc1 = fmadd(splat_f32(d * dy[2 * b + 1]), cvt_f32(_nf4_sums(_nf4_codes(row, o + 2, 4), y, 64 * b + 32)),
+                     acc1)
+    return hsum_f32(vadd(acc0, acc1))
+
+
+@njit(inline="always", fastmath=True)
+def _nf4_x4(row, act, t, out, r):
+    y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
+    d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+    a0 = zero_f32()
+    a1 = zero_f32()
+    a2 = zero_f32()
+    a3 = zero_f32()
+    for b in range(row.shape[0] // 34):
+        o = 34 * b
+        d = f16_at(row, o) * _NF4_SCALE
+        for half in range(2):
+            c = _nf4_codes(row, o + 2, 4 * half)
+            yo, k = 64 * b + 32 * half, 2 * b + half
+            a0 = fmadd(splat_f32(d * d0[k]), cvt_f32(_nf4_sums(c, y0, yo)), a0)
+            a1 = fmadd(splat_f32(d * d1[k]), cvt_f32(_nf4_sums(c, y1, yo)), a1)
+            a2 = fmadd(splat_f32(d * d2[k]), cvt_f32(_nf4_sums(c, y2, yo)), a2)
+            a3 = fmadd(splat_f32(d * d3[k]), cvt_f32(_nf4_sums(c, y3, yo)), a3)
+    out[t, r] = hsum_f32(a0)
+    out[t + 1, r] = hsum_f32(a1)
+    out[t + 2, r] = hsum_f32(a2)
+    out[t + 3, r] = hsum_f32(a3)
+
+
+mm_nf4 = _tiled(_nf4_x1, _nf4_x4)
 
 
 # -- Q4_1 x Q8_1, Q5_1 x Q8_1: unsigned quants, scale d and min m per 32 -----------------------

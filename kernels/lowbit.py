@@ -58,6 +58,9 @@ float32 (plain vector IR, portable); NF4 and MXFP4 look their nibbles up in a 16
 table with two vpermps (llvm.x86.avx2.permps) per 8 weights on AVX2, and with plain table
 loads elsewhere (1.5-2x slower). So a dot multiplies exactly the decoder's values, only summed
 in another order; the IR never assumes "no NaN/Inf", so NaN and Inf codes reach the result.
+These float dots serve lowbit.matvec; in the model (the block-type table, kernels/blocks.py)
+NF4 meets int8 (Q8_0) activations instead, its levels in fixed point (NF4_INT below,
+kernels/dots.py dot_nf4, dots_avx2.mm_nf4), as llama.cpp's IQ4_NL meets them.
 """
 
 import numpy as np
@@ -81,6 +84,15 @@ NF4_VALUES = np.array([
 ], dtype=np.float32)
 # decision boundaries between neighbouring levels, exact in float64 (float32 sums halved)
 NF4_MIDPOINTS = (NF4_VALUES[:-1].astype(np.float64) + NF4_VALUES[1:].astype(np.float64)) / 2
+# The levels in fixed point for the integer product with int8 activations (kernels/dots.py
+# dot_nf4, dots_avx2.mm_nf4): NF4_INT[k] = round(NF4[k] * 2^12), |error| <= 2^-13 of the
+# block's absmax, under a tenth of a percent of the levels' smallest spacing (0.08). 2^12 keeps
+# 32 products |code| * 127 within float32's 2^24, so a 32-value partial sum converts exactly.
+# Split for vpmaddubsw: NF4_INT = 128 * NF4_HI + NF4_LO, NF4_LO in 0..127, NF4_HI in -32..32.
+NF4_SHIFT = 12
+NF4_INT = np.rint(NF4_VALUES.astype(np.float64) * 2.0 ** NF4_SHIFT).astype(np.int32)
+NF4_LO = np.tile((NF4_INT & 127).astype(np.int8), 2)  # 32 bytes: the 16 entries twice (vpshufb)
+NF4_HI = np.tile((NF4_INT >> 7).astype(np.int8), 2)
 
 # ggml's kvalues_mxfp4: E2M1 values doubled, so they are integers (ggml-common.h)
 MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
@@ -641,11 +653,6 @@ def table_dot_mxfp4(row, act, t):
 
 
 @njit(inline="always")
-def table_dot_nf4(row, act, t):
-    return dot_nf4(row, F16_TABLE, act.xf[t], _NO_SUMS)
-
-
-@njit(inline="always")
 def table_dot_fp8_e4m3(row, act, t):
     return dot_fp8_e4m3(row, F16_TABLE, act.xf[t], _NO_SUMS)
 
@@ -713,7 +720,7 @@ T = GGMLType
 TYPES = {
     T.MXFP4: LowbitType(T.MXFP4, decode_mxfp4, dot_mxfp4, quantize_mxfp4, False, False, _dot_mxfp4_portable,
                         table_dot_mxfp4, row_mxfp4),
-    T.NF4: LowbitType(T.NF4, decode_nf4, dot_nf4, quantize_nf4, False, True, _dot_nf4_portable, table_dot_nf4, row_nf4),
+    T.NF4: LowbitType(T.NF4, decode_nf4, dot_nf4, quantize_nf4, False, True, _dot_nf4_portable, None, row_nf4),
     T.FP8_E4M3: LowbitType(T.FP8_E4M3, decode_fp8_e4m3, dot_fp8_e4m3, quantize_fp8_e4m3, True, True, None,
                            table_dot_fp8_e4m3, row_fp8_e4m3),
     T.FP8_E5M2: LowbitType(T.FP8_E5M2, decode_fp8_e5m2, dot_fp8_e5m2, quantize_fp8_e5m2, True, True, None,

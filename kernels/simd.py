@@ -11,8 +11,8 @@ Two kinds of operation:
 - portable: loads, stores, integer and float lane arithmetic, shuffles, int->float. These are
   plain LLVM instructions; LLVM selects AVX2 instructions for them on an AVX2 host and SSE
   sequences elsewhere, so they are safe on every x86-64.
-- instruction-specific: `maddubs` (vpmaddubsw), `madd` (vpmaddwd), `sign` (vpsignb) need
-  AVX2; `dpbusd` (vpdpbusd) needs AVX-512 VNNI + VL or AVX-VNNI; `load_f16x8` lowers to
+- instruction-specific: `maddubs` (vpmaddubsw), `madd` (vpmaddwd), `sign` (vpsignb),
+  `shuffle_bytes` (vpshufb) need AVX2; `dpbusd` (vpdpbusd) needs AVX-512 VNNI + VL or AVX-VNNI; `load_f16x8` lowers to
   vcvtph2ps and needs F16C. Compiling one of them for a host that lacks it makes LLVM abort
   the process, so kernels that use them are only compiled when `cpu.has(...)` says so.
 
@@ -396,6 +396,11 @@ def emit_sign(builder, a, b):
     return _call(builder, "llvm.x86.avx2.psign.b", _llvm(I8x32), [a, b])
 
 
+def emit_shuffle_bytes(builder, table, idx):
+    """vpshufb (AVX2): byte i of each 128-bit half = table[that half][idx[i] & 15], 0 where idx[i] < 0."""
+    return _call(builder, "llvm.x86.avx2.pshuf.b", _llvm(I8x32), [table, idx])
+
+
 def emit_dpbusd(builder, acc, u, s):
     """vpdpbusd (AVX-512 VNNI + VL, 256-bit): <8 x i32> + 4-byte dot products of u (unsigned) and s."""
     vt = _llvm(I32x8)
@@ -458,6 +463,19 @@ def sign(typingctx, a, b):
         return emit_sign(builder, *args)
 
     return I8x32(a, b), codegen
+
+
+@intrinsic
+def shuffle_bytes(typingctx, table, idx):
+    """vpshufb: a 16-entry byte table lookup in each 128-bit half (table: the 16 entries
+    twice; idx lanes 0..15 pick one, a negative lane gives 0). AVX2."""
+    if not (table == idx == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return emit_shuffle_bytes(builder, *args)
+
+    return I8x32(table, idx), codegen
 
 
 @intrinsic

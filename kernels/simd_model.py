@@ -32,6 +32,16 @@ def madd(a, b):
     return _wrap32(p[..., 0::2] + p[..., 1::2])
 
 
+def shuffle_bytes(table, idx):
+    """vpshufb: (..., 32) bytes; lane i of half h (lanes 16h..16h+15) = table[16h + (idx[i] & 15)],
+    or 0 where idx[i] has its top bit set."""
+    t = np.asarray(table, np.int8)
+    i = np.asarray(idx, np.int8)
+    half = (np.arange(32) // 16) * 16
+    picked = np.take_along_axis(t, np.broadcast_to(half + (i.astype(np.int64) & 15), i.shape), axis=-1)
+    return np.where(i < 0, 0, picked).astype(np.int8)
+
+
 def sign(a, b):
     """vpsignb: a where b > 0, -a where b < 0 (-(-128) stays -128), 0 where b == 0."""
     a64 = np.asarray(a, np.int8).astype(np.int64)

@@ -220,6 +220,84 @@ def test_random_scales_within_float32_bound(name):
         assert np.all(np.abs(ours - exact) <= gamma * terms + 1e-30), (level, layout, worst)
 
 
+# -- NF4: the code book in fixed point ----------------------------------------------------------
+
+
+def _nf4_product(level):
+    mask = type_mask([GGMLType.NF4])
+
+    @njit(cache=True)
+    def run(w, act, out):
+        mm_any(mask, level, 1000, w, 0, out.shape[1], act, 0, out.shape[0], out, 0)
+
+    return run
+
+
+NF4_PRODUCTS = {level: _nf4_product(level) for level in LEVELS}
+
+
+def _nf4_rows(rng, rows, cols, d):
+    """NF4 rows of random codes, block scales d (rows, cols // 64) stored as f16."""
+    raw = np.zeros((rows, cols // 64, 34), np.uint8)
+    raw[:, :, 2:] = rng.integers(0, 256, size=(rows, cols // 64, 32))
+    raw[:, :, :2] = np.asarray(d, np.float16).view(np.uint8).reshape(rows, cols // 64, 2)
+    return raw.reshape(rows, -1)
+
+
+def _nf4_fixed_point(raw, act, cols):
+    """float64 sum over 32-value halves of d * 2^-12 * dy * sum(NF4_INT[code] * y), and its terms."""
+    from pyllm.kernels.lowbit import NF4_INT
+
+    rows, n = raw.shape[0], act.q8.shape[0]
+    b = raw.reshape(rows, -1, 34)
+    d = b[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64) * 2.0 ** -12
+    codes = np.concatenate([b[:, :, 2:] & 15, b[:, :, 2:] >> 4], axis=2).reshape(rows, cols)  # value order
+    W = NF4_INT[codes].reshape(rows, -1, 32).astype(np.float64) * np.repeat(d, 2, axis=1)[:, :, None]
+    Y = act.q8[:, :cols].reshape(n, -1, 32).astype(np.float64) * act.d8[:, :cols // 32, None].astype(np.float64)
+    exact = np.einsum("rbj,tbj->tr", W, Y)
+    terms = np.einsum("rbj,tbj->tr", np.abs(W), np.abs(Y))
+    return exact, terms
+
+
+def test_nf4_integer_mode_is_exact_on_every_path():
+    """d = 1 and activation scales 1, y in -3..3: every partial sum is a multiple of 2^-12 below
+    2^12, so float32 holds the fixed-point product exactly on every path."""
+    rng = np.random.default_rng(21)
+    rows, cols, n = 40, 512, 6
+    raw = _nf4_rows(rng, rows, cols, np.ones((rows, cols // 64)))
+    act = integer_act(rng, n, cols)
+    act.q8[:] = rng.integers(-3, 4, size=act.q8.shape)
+    exact, _ = _nf4_fixed_point(raw, act, cols)
+    for level in LEVELS:
+        out = np.full((n, rows), np.nan, np.float32)
+        NF4_PRODUCTS[level](raw, act, out)
+        assert np.array_equal(out, exact.astype(np.float32)), level
+
+
+def test_nf4_random_scales_within_bounds():
+    """Random scales and activations (whose block maxima are +-127, where vpmaddubsw would
+    saturate a careless split): within float32 rounding of the fixed-point formula, and that
+    formula within 2^-13 of the decoded levels' product (lowbit.decode_nf4, float64)."""
+    from pyllm.kernels import lowbit
+
+    rng = np.random.default_rng(22)
+    rows, cols, n = 24, 512, 5
+    raw = _nf4_rows(rng, rows, cols, rng.standard_normal((rows, cols // 64)) * 0.05)
+    act = act_of(rng.standard_normal((n, cols)).astype(np.float32))
+    exact, terms = _nf4_fixed_point(raw, act, cols)
+    u = 2.0 ** -24
+    gamma = cols * u / (1 - cols * u)
+    for level in LEVELS:
+        out = np.full((n, rows), np.nan, np.float32)
+        NF4_PRODUCTS[level](raw, act, out)
+        assert np.all(np.abs(out - exact) <= gamma * terms + 1e-30), level
+    W = lowbit.dequantize(raw, GGMLType.NF4, cols).astype(np.float64)
+    X = (act.q8[:, :cols].reshape(n, -1, 32) * act.d8[:, :cols // 32, None].astype(np.float64)).reshape(n, cols)
+    d = np.abs(raw.reshape(rows, -1, 34)[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64))
+    bound = 2.0 ** -13 * np.abs(X) @ np.repeat(d, 64, axis=1).T
+    assert np.all(np.abs(exact - X @ W.T) <= bound + 1e-12)
+
+
 # -- the table -------------------------------------------------------------------------------
 
 

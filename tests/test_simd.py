@@ -9,7 +9,16 @@ from pyllm.base import PyllmError
 from pyllm.kernels import asm, cpu
 from pyllm.kernels import simd_model as M
 from pyllm.kernels.amx import repack_q8_0, tile_config
-from pyllm.kernels.simd import load_f16x8, load_i8x32, load_i16x16, madd, maddubs, sign, store
+from pyllm.kernels.simd import (
+    load_f16x8,
+    load_i8x32,
+    load_i16x16,
+    madd,
+    maddubs,
+    shuffle_bytes,
+    sign,
+    store,
+)
 
 AVX2 = cpu.isa_supported(cpu.AVX2)
 
@@ -105,6 +114,12 @@ def _run_sign(a, b, out):
 
 
 @njit(cache=True)
+def _run_shuffle_bytes(a, b, out):
+    for i in range(a.shape[0]):
+        store(out[i], 0, shuffle_bytes(load_i8x32(a[i], 0), load_i8x32(b[i], 0)))
+
+
+@njit(cache=True)
 def _run_madd(a, b, out):
     for i in range(a.shape[0]):
         store(out[i], 0, madd(load_i16x16(a[i], 0), load_i16x16(b[i], 0)))
@@ -124,7 +139,11 @@ def test_avx2_instructions_equal_their_models():
     _run_maddubs(u, s, out16)
     assert np.array_equal(out16, M.maddubs(u, s))
     out8 = np.zeros((200, 32), np.int8)
-    _run_sign(s, edge_bytes(rng, 200, True), out8)
+    b8 = edge_bytes(rng, 200, True)
+    _run_sign(s, b8, out8)
+    assert np.array_equal(out8, M.sign(s, b8))
+    _run_shuffle_bytes(s, b8, out8)  # idx: every byte value, negative ones included
+    assert np.array_equal(out8, M.shuffle_bytes(s, b8))
     a16 = np.concatenate([rng.integers(-32768, 32768, size=(199, 16)), np.full((1, 16), -32768)]).astype(np.int16)
     b16 = np.concatenate([rng.integers(-32768, 32768, size=(199, 16)), np.full((1, 16), -32768)]).astype(np.int16)
     out32 = np.zeros((200, 8), np.int32)
@@ -197,7 +216,7 @@ def test_portable_block_sums_equal_the_avx2_algorithm_model():
 
 # -- assembly -------------------------------------------------------------------------------------
 
-AVX2_OPS = ["vpmaddubsw", "vpmaddwd", "vpsignb", "vcvtph2ps"]
+AVX2_OPS = ["vpmaddubsw", "vpmaddwd", "vpsignb", "vpshufb", "vcvtph2ps"]
 VNNI_OPS = ["vpdpbusd"]
 BF16_OPS = ["vdpbf16ps"]
 AMX_OPS = ["ldtilecfg", "tilezero", "tileloadd", "tdpbssd", "tdpbusd", "tdpbf16ps", "tilestored", "tilerelease"]
@@ -217,10 +236,20 @@ def test_emitters_compile_to_the_intended_instructions(cpu_name, builders, expec
 
 @pytest.mark.skipif(not AVX2, reason="this host has no AVX2")
 def test_the_avx2_product_kernels_use_the_instructions():
-    from test_kernels import PRODUCTS
+    """The product over every block type (test_kernels), and NF4's, compiled here: a function
+    loaded from Numba's disk cache has no assembly to inspect."""
+    from pyllm.base import GGMLType
+    from pyllm.kernels.act import act_of
+    from test_kernels import PRODUCTS, _nf4_product
 
-    text = "\n".join(PRODUCTS[cpu.AVX2].inspect_asm().values())
-    for op in ["vpmaddubsw", "vpmaddwd", "vpsignb", "vcvtph2ps", "vfmadd"]:
+    act = act_of(np.zeros((1, 512), np.float32))
+    text = ""
+    for dispatcher, qt, row_bytes in ((PRODUCTS[cpu.AVX2], int(GGMLType.Q8_0), 544), (_nf4_product(cpu.AVX2), None, 272)):
+        fresh = njit(dispatcher.py_func)
+        args = (np.zeros((1, row_bytes), np.uint8), act, np.zeros((1, 1), np.float32))
+        fresh(qt, *args) if qt is not None else fresh(*args)
+        text += "\n".join(fresh.inspect_asm().values())
+    for op in ["vpmaddubsw", "vpmaddwd", "vpsignb", "vpshufb", "vcvtph2ps", "vfmadd"]:
         assert op in text, op
 
 

@@ -453,48 +453,45 @@ def _avx2():
         mul_sum_i8_pairs_float: |k| unsigned times q with k's sign)."""
         return cvt_f32(madd(maddubs(sign(k, k), sign(q, k)), splat_i16(1)))
 
-    def dot8_f32(t, q, qo, qq, c, co, stride, hd):
-        a0 = zero_f32()
-        a1 = zero_f32()
-        a2 = zero_f32()
-        a3 = zero_f32()
-        a4 = zero_f32()
-        a5 = zero_f32()
-        a6 = zero_f32()
-        a7 = zero_f32()
-        for d in range(0, hd, 8):
-            qv = load_f32x8(q, qo + d)
-            a0 = fmadd(qv, load_f32x8(c, co + d), a0)
-            a1 = fmadd(qv, load_f32x8(c, co + stride + d), a1)
-            a2 = fmadd(qv, load_f32x8(c, co + 2 * stride + d), a2)
-            a3 = fmadd(qv, load_f32x8(c, co + 3 * stride + d), a3)
-            a4 = fmadd(qv, load_f32x8(c, co + 4 * stride + d), a4)
-            a5 = fmadd(qv, load_f32x8(c, co + 5 * stride + d), a5)
-            a6 = fmadd(qv, load_f32x8(c, co + 6 * stride + d), a6)
-            a7 = fmadd(qv, load_f32x8(c, co + 7 * stride + d), a7)
-        return sums8(a0, a1, a2, a3, a4, a5, a6, a7)
+    def float_dot8(load):
+        """dot8 for a type whose values d..d+7 of the row at c[co] load(c, co, d) gives as
+        float32 lanes (f32, f16, fp8_e4m3): the eight keys' FMAs against one query vector."""
 
-    def dot8_f16(t, q, qo, qq, c, co, stride, hd):
-        a0 = zero_f32()
-        a1 = zero_f32()
-        a2 = zero_f32()
-        a3 = zero_f32()
-        a4 = zero_f32()
-        a5 = zero_f32()
-        a6 = zero_f32()
-        a7 = zero_f32()
-        for d in range(0, hd, 8):
-            qv = load_f32x8(q, qo + d)
-            o = co + 2 * d
-            a0 = fmadd(qv, load_f16x8(c, o), a0)
-            a1 = fmadd(qv, load_f16x8(c, o + stride), a1)
-            a2 = fmadd(qv, load_f16x8(c, o + 2 * stride), a2)
-            a3 = fmadd(qv, load_f16x8(c, o + 3 * stride), a3)
-            a4 = fmadd(qv, load_f16x8(c, o + 4 * stride), a4)
-            a5 = fmadd(qv, load_f16x8(c, o + 5 * stride), a5)
-            a6 = fmadd(qv, load_f16x8(c, o + 6 * stride), a6)
-            a7 = fmadd(qv, load_f16x8(c, o + 7 * stride), a7)
-        return sums8(a0, a1, a2, a3, a4, a5, a6, a7)
+        def dot8(t, q, qo, qq, c, co, stride, hd):
+            a0 = zero_f32()
+            a1 = zero_f32()
+            a2 = zero_f32()
+            a3 = zero_f32()
+            a4 = zero_f32()
+            a5 = zero_f32()
+            a6 = zero_f32()
+            a7 = zero_f32()
+            for d in range(0, hd, 8):
+                qv = load_f32x8(q, qo + d)
+                a0 = fmadd(qv, load(c, co, d), a0)
+                a1 = fmadd(qv, load(c, co + stride, d), a1)
+                a2 = fmadd(qv, load(c, co + 2 * stride, d), a2)
+                a3 = fmadd(qv, load(c, co + 3 * stride, d), a3)
+                a4 = fmadd(qv, load(c, co + 4 * stride, d), a4)
+                a5 = fmadd(qv, load(c, co + 5 * stride, d), a5)
+                a6 = fmadd(qv, load(c, co + 6 * stride, d), a6)
+                a7 = fmadd(qv, load(c, co + 7 * stride, d), a7)
+            return sums8(a0, a1, a2, a3, a4, a5, a6, a7)
+
+        return dot8
+
+    @njit(inline="always")
+    def f32_lanes(c, co, d):
+        return load_f32x8(c, co + d)
+
+    @njit(inline="always")
+    def f16_lanes(c, co, d):
+        return load_f16x8(c, co + 2 * d)
+
+    @njit(inline="always")
+    def fp8_lanes(c, co, d):
+        o = co + 33 * (d >> 5)
+        return vmul(e4m3x8_f32(c, o + 1 + (d & 31)), splat_f32(E8M0_TABLE[c[o]]))
 
     def dot8_q8_0(t, q, qo, qq, c, co, stride, hd):
         a0 = zero_f32()
@@ -558,10 +555,10 @@ def _avx2():
         return sums8(a0, a1, a2, a3, a4, a5, a6, a7)
 
     def load8_f32(t, c, co, d):
-        return load_f32x8(c, co + d)
+        return f32_lanes(c, co, d)
 
     def load8_f16(t, c, co, d):
-        return load_f16x8(c, co + 2 * d)
+        return f16_lanes(c, co, d)
 
     def load8_q8_0(t, c, co, d):
         o = co + 34 * (d >> 5)
@@ -572,36 +569,10 @@ def _avx2():
         j = d & 31
         return vmul(u4x8_f32(c, o + 2 + (j & 15), 4 if j >= 16 else 0), splat_f32(f16_at(c, o)))
 
-    @njit(inline="always")
-    def fp8_at(c, co, d):
-        o = co + 33 * (d >> 5)
-        return vmul(e4m3x8_f32(c, o + 1 + (d & 31)), splat_f32(E8M0_TABLE[c[o]]))
-
-    def dot8_fp8(t, q, qo, qq, c, co, stride, hd):
-        a0 = zero_f32()
-        a1 = zero_f32()
-        a2 = zero_f32()
-        a3 = zero_f32()
-        a4 = zero_f32()
-        a5 = zero_f32()
-        a6 = zero_f32()
-        a7 = zero_f32()
-        for d in range(0, hd, 8):
-            qv = load_f32x8(q, qo + d)
-            a0 = fmadd(qv, fp8_at(c, co, d), a0)
-            a1 = fmadd(qv, fp8_at(c, co + stride, d), a1)
-            a2 = fmadd(qv, fp8_at(c, co + 2 * stride, d), a2)
-            a3 = fmadd(qv, fp8_at(c, co + 3 * stride, d), a3)
-            a4 = fmadd(qv, fp8_at(c, co + 4 * stride, d), a4)
-            a5 = fmadd(qv, fp8_at(c, co + 5 * stride, d), a5)
-            a6 = fmadd(qv, fp8_at(c, co + 6 * stride, d), a6)
-            a7 = fmadd(qv, fp8_at(c, co + 7 * stride, d), a7)
-        return sums8(a0, a1, a2, a3, a4, a5, a6, a7)
-
     def load8_fp8(t, c, co, d):
-        return fp8_at(c, co, d)
+        return fp8_lanes(c, co, d)
 
-    return ((dot8_f32, dot8_f16, dot8_q8_0, dot8_q4_0, dot8_fp8),
+    return ((float_dot8(f32_lanes), float_dot8(f16_lanes), dot8_q8_0, dot8_q4_0, float_dot8(fp8_lanes)),
             (load8_f32, load8_f16, load8_q8_0, load8_q4_0, load8_fp8))
 
 

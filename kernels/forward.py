@@ -24,6 +24,8 @@ rank-8 adapter that is ~1% of a token's work).
 The K/V cache has one of the types of kernels/kvcache.py (f32, f16, q8_0, q4_0, fp8_e4m3), a compile-time
 constant of the step like the weight types: kvcache.store_kv writes it, attention reads it
 through kvcache's typed kernels (float32 caches through ops._kv_dot and ops._kv_axpy).
+Block-quantized caches are rotated as llama.cpp's are (kvcache.rotation): q and k by a
+Walsh-Hadamard matrix after rope, v before it is stored and the attention output after.
 """
 
 import copy
@@ -145,6 +147,7 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
         n = ids.shape[0]
         n_layers, hidden, n_heads, n_kv, head_dim, rope_dim, neox, ff = (
             P.dims[0], P.dims[1], P.dims[2], P.dims[3], P.dims[4], P.dims[5], P.dims[6], P.dims[7])
+        rot_k, rot_v = P.dims[8], P.dims[9]  # Walsh-Hadamard sizes of quantized caches (0: none)
         qd, kvd = n_heads * head_dim, n_kv * head_dim
         meta, y, x, h, act, f16 = P.meta, S.y, S.x, S.h, S.act, P.f16
         for t in range(n):
@@ -164,11 +167,18 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
             if other:
                 ops.rope(y[:n, qc:qc + qd], n_heads, head_dim, rope_dim, start, P.cos, P.sin, neox)
                 ops.rope(y[:n, kc_:kc_ + kvd], n_kv, head_dim, rope_dim, start, P.cos, P.sin, neox)
+                if rot_k:  # q.k is unchanged: H is orthonormal
+                    ops.hadamard(y[:n, qc:qc + qd], n, qd, rot_k)
+                    ops.hadamard(y[:n, kc_:kc_ + kvd], n, kvd, rot_k)
+                if rot_v:
+                    ops.hadamard(y[:n, vc_:vc_ + kvd], n, kvd, rot_v)
                 kvcache.store_kv(kt, vt, y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start, f16)
             if attention:
                 ops.attention_kv_at(ops_isa, kt, vt, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.qq, f16,
                                  S.attn)
             if other:
+                if rot_v:  # the output is a sum of rotated values: H H = I undoes it
+                    ops.hadamard(S.attn, n, qd, rot_v)
                 _quantize_rows(forms, S.attn, n, qd, act, f16)
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[1, 0], R[1, 1], act, n, y)
@@ -277,7 +287,9 @@ class Decoder:
             emb=_readonly(token_embd.data), emb_qt=int(token_embd.qtype),
             norms=np.stack([np.stack([L["attn_norm"], L["ffn_norm"]]) for L in layers]).astype(np.float32),
             out_norm=np.asarray(output_norm, np.float32), bias=np.concatenate(bias_parts or [np.zeros(1, np.float32)]),
-            dims=np.array([len(layers), hidden, n_heads, n_kv, head_dim, rope_dim, int(neox), ff], np.int64),
+            dims=np.array([len(layers), hidden, n_heads, n_kv, head_dim, rope_dim, int(neox), ff,
+                           kvcache.rotation(kvcache.cache_type(k_cache, head_dim), head_dim, "K"),
+                           kvcache.rotation(kvcache.cache_type(v_cache, head_dim), head_dim, "V")], np.int64),
             eps=np.float32(eps), cos=cos, sin=sin, f16=F16_TABLE,
             lora=np.zeros((len(mats), 3), np.int64), lora_a=np.zeros(1, np.float32), lora_b=np.zeros(1, np.float32),
         )

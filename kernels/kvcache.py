@@ -121,6 +121,25 @@ def cache_type(cache: np.ndarray, head_dim: int) -> KVType:
     raise ValueError(f"not a K/V cache of head_dim {head_dim}: {cache.dtype} {cache.shape}")
 
 
+ROTATE_OFF = "PYLLM_ATTN_ROT_DISABLE"  # =1: no rotation (as llama.cpp's LLAMA_ATTN_ROT_DISABLE)
+
+
+def rotation(t, head_dim: int, which: str) -> int:
+    """The Walsh-Hadamard rotation size for a `which` ("K" or "V") cache of type t: 0 for none.
+
+    As llama.cpp (src/llama-kv-cache.cpp, attn_rot_k/attn_rot_v): block-quantized caches of
+    heads whose size is a multiple of 64 are rotated, K by the largest power of two dividing
+    head_dim, V by 64. pyllm's fp8_e4m3 is block-scaled too, so it is rotated as well."""
+    import os
+
+    t = kv_type(t)
+    if t.block == 1 or head_dim % 64 or os.environ.get(ROTATE_OFF, "0").strip() not in ("", "0"):
+        return 0
+    if which == "V":
+        return 64
+    return head_dim & -head_dim  # the lowest set bit: the largest power of two dividing head_dim
+
+
 def bytes_per_token(type_k, type_v, n_layers: int, n_kv: int, head_dim: int) -> int:
     """Cache bytes one token takes, K and V of every layer."""
     return n_layers * n_kv * (row_bytes(type_k, head_dim) + row_bytes(type_v, head_dim))

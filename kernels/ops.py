@@ -56,6 +56,30 @@ def rope(x, n_heads, head_dim, rope_dim, start_pos, cos, sin, neox):
 
 
 @njit(cache=True)
+def hadamard(x, n, width, size):
+    """x[:n, :width] <- each run of `size` values (a power of two) times H_size, the orthonormal
+    Walsh-Hadamard matrix in Sylvester order: symmetric and its own inverse (llama.cpp's
+    ggml_gen_hadamard, src/llama-kv-cache.cpp). A fast transform: log2(size) butterfly passes.
+
+    Why: a quantized K/V cache stores each head's rows in 32-value blocks with one scale, and a
+    few large dims (outliers) set that scale; rotating q and k alike (q.k is unchanged) and v
+    (undone on the attention output) spreads them over the block first."""
+    scale = np.float32(1.0 / np.sqrt(size))
+    for t in range(n):
+        for c in range(0, width, size):
+            h = 1
+            while h < size:
+                for i in range(c, c + size, 2 * h):
+                    for j in range(i, i + h):
+                        a, b = x[t, j], x[t, j + h]
+                        x[t, j] = a + b
+                        x[t, j + h] = a - b
+                h *= 2
+            for j in range(c, c + size):
+                x[t, j] *= scale
+
+
+@njit(cache=True)
 def store_kv(k, v, k_cache, v_cache, start_pos):
     """Copy new keys/values (n, n_kv*head_dim) into the caches (n_kv, n_ctx, head_dim)."""
     n = k.shape[0]

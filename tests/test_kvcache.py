@@ -154,6 +154,46 @@ def test_attention_matches_float64_reference(type_k, type_v):
             np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0, err_msg=f"{name} {type_k}/{type_v} n={n}")
 
 
+# -- the Walsh-Hadamard rotation of quantized caches -------------------------------------------
+
+
+def sylvester(n):
+    """H_n / sqrt(n) by Kronecker products of [[1, 1], [1, -1]] (llama.cpp's ggml_gen_hadamard builds
+    the same matrix by its block recursion)."""
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h / np.sqrt(n)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_hadamard_is_the_sylvester_matrix(size):
+    rng = np.random.default_rng(size)
+    y = rng.standard_normal((4, 512)).astype(np.float32)
+    before = y.copy()
+    block = y[:3, 128:384]  # a column slice, as the step passes y's q/k/v columns
+    x = block.astype(np.float64).copy()
+    ops.hadamard(block, 3, 256, size)
+    outside = np.ones(y.shape, bool)
+    outside[:3, 128:384] = False
+    assert (y[outside] == before[outside]).all()
+    expected = (x.reshape(3, -1, size) @ sylvester(size).T).reshape(3, 256)
+    np.testing.assert_allclose(block, expected, atol=2e-6, rtol=0)
+    ops.hadamard(block, 3, 256, size)  # H H = I
+    np.testing.assert_allclose(block, x, atol=2e-6, rtol=0)
+
+
+def test_rotation_follows_llama_cpp(monkeypatch):
+    """Which caches are rotated, and by what size, as src/llama-kv-cache.cpp decides (attn_rot_k:
+    quantized type and head_dim % 64 == 0, size the largest power of two dividing head_dim;
+    attn_rot_v: the same test, size 64)."""
+    assert [kvcache.rotation(t, 64, "K") for t in TYPES] == [0, 0, 64, 64, 64]
+    assert [kvcache.rotation("q4_0", hd, "K") for hd in (32, 96, 128, 192, 256)] == [0, 0, 128, 64, 256]
+    assert [kvcache.rotation("q4_0", hd, "V") for hd in (32, 96, 128, 192, 256)] == [0, 0, 64, 64, 64]
+    monkeypatch.setenv(kvcache.ROTATE_OFF, "1")
+    assert kvcache.rotation("q4_0", 64, "K") == kvcache.rotation("q8_0", 128, "V") == 0
+
+
 # -- types, sizes, errors ----------------------------------------------------------------------
 
 

@@ -63,6 +63,23 @@ class _Cursor:
         raw = bytes(self.take(self.scalar("<Q")))
         return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list:
+        """count strings: as string() each, in one loop over the buffer (a 49k-token vocabulary and
+        its merges are ~100k strings: 0.9 s through string(), ~0.1 s here)."""
+        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            end = pos + 8 + int.from_bytes(buf[pos:pos + 8], "little")
+            if end > size:
+                break
+            out.append(str(buf[pos + 8:end], "utf-8", "replace"))
+            pos = end
+        self.pos = pos
+        if len(out) < count:
+            self.take(8 if pos + 8 > size else 8 + int.from_bytes(buf[pos:pos + 8], "little"))  # raises
+        return out
+
     def value(self, vtype: int):
         if vtype in SCALAR_FORMATS:
             return self.scalar(SCALAR_FORMATS[vtype][0])
@@ -74,7 +91,7 @@ class _Cursor:
                 dtype = np.dtype(SCALAR_FORMATS[itype][1]).newbyteorder("<")
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
             if itype == ValueType.STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             return [self.value(itype) for _ in range(count)]
         raise PyllmError(f"{self.path}: corrupt GGUF file (unknown metadata value type {vtype})")
 
@@ -205,7 +222,10 @@ class GGUFFile:
         from pyllm.kernels.quants import dequantize
 
         info = self.tensors[name]
-        return dequantize(self.qtensor(name)).reshape(tuple(reversed(info.dims)))
+        shape = tuple(reversed(info.dims))
+        if info.qtype in (GGMLType.F32, GGMLType.F16):  # numpy's half -> float is exact: no kernel to load
+            return self.raw(name).view("<f4" if info.qtype == GGMLType.F32 else "<f2").astype(np.float32).reshape(shape)
+        return dequantize(self.qtensor(name)).reshape(shape)
 
     def drop_pages(self, name: str):
         """Tell the kernel the tensor's mapped pages are not needed for now (best effort; views

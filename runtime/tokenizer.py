@@ -262,8 +262,9 @@ class Tokenizer:
                        key=lambda i: -len(self.tokens[i].encode("utf-8")))
         self._specials = [(self.tokens[i], i, self.types[i] == TOKEN_USER_DEFINED) for i in order]
 
-        # piece bytes of every token (for decoding)
-        self._bytes = [self._piece_bytes(i) for i in range(n)]
+        # piece bytes of each token (for decoding), made on first use: all 49k of a BPE
+        # vocabulary up front is ~0.1 s of every start
+        self._bytes = {}
         # control and unknown tokens: decoded as nothing unless skip_special=False
         self.skipped_ids = frozenset(i for i, t in enumerate(self.types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN))
         self._cache = {}
@@ -306,7 +307,10 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes the token stands for (b"" for control and unknown tokens)."""
-        return self._bytes[token_id]
+        b = self._bytes.get(token_id)
+        if b is None:
+            b = self._bytes[token_id] = self._piece_bytes(token_id)
+        return b
 
     def _piece_bytes(self, i: int) -> bytes:
         t, ty = self.tokens[i], self.types[i]
@@ -459,7 +463,7 @@ class Tokenizer:
             if not skip_special and i in self.skipped_ids:
                 b = self.tokens[i].encode("utf-8")
             else:
-                b = self._bytes[i]
+                b = self.token_bytes(i)
             if k == 1 and skip_special and ids[0] == self.bos_id and self._strips_after_bos() and b.startswith(b" "):
                 b = b[1:]
             parts.append(b)

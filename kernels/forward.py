@@ -40,7 +40,6 @@ from pathlib import Path
 import numba
 import numpy as np
 from numba import literally, njit, prange
-from numba.core import types
 from numba.typed import List
 from pyllm.kernels import kvcache, ops
 from pyllm.kernels.act import new_act, quantize_act
@@ -267,6 +266,22 @@ def compile_from_stdin(stream):
 # -- packing a model for the step -------------------------------------------------------------
 
 
+# The typed List of weights is made and grown in compiled code, which Numba caches: typed.List's
+# own Python-side methods (empty_list, append) are compiled anew in every process (measured
+# ~0.6-1.3 s of each warm start).
+@njit(cache=True)
+def _list_of(a):
+    out = List()
+    out.append(a)
+    return out
+
+
+@njit(cache=True)
+def _append(items, a):
+    items.append(a)
+    return items
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
@@ -300,14 +315,14 @@ class Decoder:
         self.y_cols = cols[-1] + hidden
         self.isa = best_isa() if isa is None else isa
         meta = np.zeros((len(mats), 5), np.int64)  # qtype, rows, cols, output column, bias offset
-        W = List.empty_list(types.Array(types.uint8, 2, "C", readonly=True))
+        W = None
         bias_parts, at = [], 0
         for i, (m, b) in enumerate(zip(mats, biases)):
             qt, data = int(m.qtype), np.ascontiguousarray(m.data)
             packed = block_type(qt).repacked(data, self.isa)  # the post-load repack, where it pays
             if packed is not None:
                 qt, data = packed
-            W.append(_readonly(data))
+            W = _list_of(_readonly(data)) if W is None else _append(W, _readonly(data))
             meta[i, :3] = qt, m.rows, m.cols
             meta[i, 3] = cols[i % 7] if i < len(mats) - 1 else 0
             meta[i, 4] = -1

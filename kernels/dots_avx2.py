@@ -25,7 +25,7 @@ only hands a kernel out on a host that has its instructions.
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from pyllm.kernels.lowbit import NF4_HI, NF4_LO, NF4_SHIFT
 from pyllm.kernels.quants import u32_at
 from pyllm.kernels.simd import (
@@ -912,13 +912,28 @@ def _interleave(data, nbytes, parts):
     """(rows, nb * nbytes) blocks -> (rows / 8, nb * 8 * nbytes): per group of 8 rows and block,
     each part (start, end, chunk) of the block's bytes, rows interleaved every `chunk` bytes."""
     rows = data.shape[0]
+    p = np.array(parts, np.int64).reshape(-1, 3)
+    out = np.empty((rows // 8, 8 * (sum(e - s for s, e, _ in parts) * (data.shape[1] // nbytes))), np.uint8)
+    _interleave_into(data, nbytes, p, out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _interleave_into(data, nbytes, parts, out):
+    # A loop, not numpy's transposes: those copy 4-byte runs through strided iterators, ~0.6 s
+    # of SmolLM2's start; this is one pass over the weights (their first read from the map).
     nb = data.shape[1] // nbytes
-    blocks = data.reshape(rows // 8, 8, nb, nbytes)  # (groups, row in group, block, byte)
-    out = []
-    for start, end, chunk in parts:
-        p = blocks[:, :, :, start:end].reshape(rows // 8, 8, nb, (end - start) // chunk, chunk)
-        out.append(p.transpose(0, 2, 3, 1, 4).reshape(rows // 8, nb, -1))  # (group, block, chunk, row, byte)
-    return np.ascontiguousarray(np.concatenate(out, axis=2).reshape(rows // 8, -1))
+    for g in prange(data.shape[0] // 8):
+        o = 0
+        for b in range(nb):
+            for p in range(parts.shape[0]):
+                start, end, chunk = parts[p, 0], parts[p, 1], parts[p, 2]
+                for k in range(b * nbytes + start, b * nbytes + end, chunk):  # (block, part, chunk, row, byte)
+                    for r in range(8):
+                        src = data[8 * g + r]
+                        for i in range(chunk):
+                            out[g, o] = src[k + i]
+                            o += 1
 
 
 def repack_q4_0x8(data):

@@ -33,7 +33,7 @@ from pyllm.kernels.cpu import AVX2, AVX512VNNI, isa_supported
 
 # Ids of the interleaved layouts (eight rows per group, repacked at load): not GGUF types, so
 # above every ggml_type id (and below pyllm's own types, 1000 on).
-Q4_0X8, Q4_1X8, Q8_0X8, Q5_0X8, Q5_1X8 = 48, 49, 50, 51, 52
+Q4_0X8, Q4_1X8, Q8_0X8, Q5_0X8, Q5_1X8, NF4X8 = 48, 49, 50, 51, 52, 53
 
 
 @dataclass(frozen=True)
@@ -162,12 +162,13 @@ def _register_all():
         BlockType(Q8_0X8, None, ACT_Q8_0, None, {AVX2: x.mm_q8_0x8, AVX512VNNI: x.mm_q8_0x8_vnni}, label="Q8_0x8"),
         BlockType(Q5_0X8, None, ACT_Q8_0, None, {AVX2: x.mm_q5_0x8}, label="Q5_0x8"),
         BlockType(Q5_1X8, None, ACT_Q8_1, None, {AVX2: x.mm_q5_1x8}, label="Q5_1x8"),
+        BlockType(NF4X8, None, ACT_Q8_0, None, {AVX2: x.mm_nf4x8}, label="NF4x8"),
     ]:
         register(bt)
     # pyllm's low-bit float types and ggml's MXFP4 (kernels/lowbit.py): NF4 against Q8_0 in fixed
     # point (dots.dot_nf4), the others with float activations
     register(BlockType(T.NF4, lowbit.decode_nf4, ACT_Q8_0, d.dot_nf4, {AVX2: x.mm_nf4}, lowbit.row_nf4,
-                       check=lowbit.check_storable))
+                       repack=(NF4X8, x.repack_nf4x8), check=lowbit.check_storable))
     for lt in lowbit.TYPES.values():
         if lt.qtype != T.NF4:
             register(BlockType(lt.qtype, lt.decode, ACT_F32, lt.table_dot, {}, lt.quantize_row,

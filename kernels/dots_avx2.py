@@ -204,11 +204,16 @@ def _nf4_codes(row, o, shift):
 
 
 @njit(inline="always")
+def _nf4_dot(codes, yv):
+    """int32 lanes of the pair sums NF4_INT[code_j] * yv_j (each lane: 4 consecutive bytes)."""
+    lo, ahi, hi = codes
+    return vadd(madd(maddubs(lo, yv), splat_i16(1)), madd(maddubs(ahi, sign(yv, hi)), splat_i16(128)))
+
+
+@njit(inline="always")
 def _nf4_sums(codes, y, yo):
     """int32 lanes of sum_j NF4_INT[code_j] * y[yo + j] over the 32 values of codes."""
-    lo, ahi, hi = codes
-    yv = load_i8x32(y, yo)
-    return vadd(madd(maddubs(lo, yv), splat_i16(1)), madd(maddubs(ahi, sign(yv, hi)), splat_i16(128)))
+    return _nf4_dot(codes, load_i8x32(y, yo))
 
 
 @njit(inline="always", fastmath=True)
@@ -898,6 +903,61 @@ def _x8_q8_0(dot_u8s8):
         store_f32x8(out[t + 3], col, a3)
 
     return _grouped(x1, x4)
+
+
+# NF4x8 (272 bytes per group and 64-value block): d[8] f16 | 8 chunks of 32 bytes, byte 4r+i of
+# chunk c is byte 4c+i of row r's qs (low nibble: value 4c+i, meeting activation block 2b; high
+# nibble: value 32+4c+i, block 2b+1). The row lanes replace mm_nf4's per-row scale broadcast and
+# two horizontal sums with one f16x8 scale load per block.
+
+
+@njit(inline="always", fastmath=True)
+def _nf4x8_part(wg, b, y, dy, acc):
+    o = 272 * b
+    lo_sum = zero_i32()
+    hi_sum = zero_i32()
+    for c in range(8):
+        q = o + 16 + 32 * c
+        lo_sum = vadd(lo_sum, _nf4_dot(_nf4_codes(wg, q, 0), bcast4(y, 64 * b + 4 * c)))
+        hi_sum = vadd(hi_sum, _nf4_dot(_nf4_codes(wg, q, 4), bcast4(y, 64 * b + 32 + 4 * c)))
+    d = vmul(load_f16x8(wg, o), splat_f32(_NF4_SCALE))
+    acc = fmadd(vmul(d, splat_f32(dy[2 * b])), cvt_f32(lo_sum), acc)
+    return fmadd(vmul(d, splat_f32(dy[2 * b + 1])), cvt_f32(hi_sum), acc)
+
+
+@njit(inline="always", fastmath=True)
+def _nf4x8_x1(wg, act, t, out, col):
+    y, dy = act.q8[t], act.d8[t]
+    acc = zero_f32()
+    for b in range(wg.shape[0] // 272):
+        acc = _nf4x8_part(wg, b, y, dy, acc)
+    store_f32x8(out[t], col, acc)
+
+
+@njit(inline="always", fastmath=True)
+def _nf4x8_x4(wg, act, t, out, col):
+    a0 = zero_f32()
+    a1 = zero_f32()
+    a2 = zero_f32()
+    a3 = zero_f32()
+    y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
+    d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+    for b in range(wg.shape[0] // 272):  # inlined, the four share the weight loads and lookups
+        a0 = _nf4x8_part(wg, b, y0, d0, a0)
+        a1 = _nf4x8_part(wg, b, y1, d1, a1)
+        a2 = _nf4x8_part(wg, b, y2, d2, a2)
+        a3 = _nf4x8_part(wg, b, y3, d3, a3)
+    store_f32x8(out[t], col, a0)
+    store_f32x8(out[t + 1], col, a1)
+    store_f32x8(out[t + 2], col, a2)
+    store_f32x8(out[t + 3], col, a3)
+
+
+mm_nf4x8 = _grouped(_nf4x8_x1, _nf4x8_x4)
+
+
+def repack_nf4x8(data):
+    return _interleave(data, 34, [(0, 2, 2), (2, 34, 4)])
 
 
 mm_q4_0x8 = _x8_nibbles(144, 16, _four_bit, _y8_of, _finish_q4_0)

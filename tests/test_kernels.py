@@ -223,17 +223,29 @@ def test_random_scales_within_float32_bound(name):
 # -- NF4: the code book in fixed point ----------------------------------------------------------
 
 
+NF4_LAYOUT = block_type(GGMLType.NF4).repack[0]  # NF4x8, eight rows interleaved
+
+
 def _nf4_product(level):
-    mask = type_mask([GGMLType.NF4])
+    mask = type_mask([GGMLType.NF4] + ([NF4_LAYOUT] if block_type(NF4_LAYOUT).kernel(level) else []))
 
     @njit(cache=True)
-    def run(w, act, out):
-        mm_any(mask, level, 1000, w, 0, out.shape[1], act, 0, out.shape[0], out, 0)
+    def run(qt, w, act, out):
+        mm_any(mask, level, qt, w, 0, out.shape[1], act, 0, out.shape[0], out, 0)
 
     return run
 
 
 NF4_PRODUCTS = {level: _nf4_product(level) for level in LEVELS}
+
+
+def nf4_paths(raw):
+    """(name, run(act, out)) of every NF4 kernel this host runs: each level, and the layout."""
+    for level in LEVELS:
+        yield str(level), lambda act, out, level=level: NF4_PRODUCTS[level](int(GGMLType.NF4), raw, act, out)
+        packed = block_type(GGMLType.NF4).repacked(raw, level)
+        if packed is not None:
+            yield f"{level} NF4x8", lambda act, out, level=level: NF4_PRODUCTS[level](*packed, act, out)
 
 
 def _nf4_rows(rng, rows, cols, d):
@@ -268,10 +280,13 @@ def test_nf4_integer_mode_is_exact_on_every_path():
     act = integer_act(rng, n, cols)
     act.q8[:] = rng.integers(-3, 4, size=act.q8.shape)
     exact, _ = _nf4_fixed_point(raw, act, cols)
-    for level in LEVELS:
+    names = []
+    for name, run in nf4_paths(raw):
         out = np.full((n, rows), np.nan, np.float32)
-        NF4_PRODUCTS[level](raw, act, out)
-        assert np.array_equal(out, exact.astype(np.float32)), level
+        run(act, out)
+        assert np.array_equal(out, exact.astype(np.float32)), name
+        names.append(name)
+    assert len(names) == 2 * len(LEVELS) - 1, names  # the layout wherever AVX2 runs
 
 
 def test_nf4_random_scales_within_bounds():
@@ -287,10 +302,10 @@ def test_nf4_random_scales_within_bounds():
     exact, terms = _nf4_fixed_point(raw, act, cols)
     u = 2.0 ** -24
     gamma = cols * u / (1 - cols * u)
-    for level in LEVELS:
+    for name, run in nf4_paths(raw):
         out = np.full((n, rows), np.nan, np.float32)
-        NF4_PRODUCTS[level](raw, act, out)
-        assert np.all(np.abs(out - exact) <= gamma * terms + 1e-30), level
+        run(act, out)
+        assert np.all(np.abs(out - exact) <= gamma * terms + 1e-30), name
     W = lowbit.dequantize(raw, GGMLType.NF4, cols).astype(np.float64)
     X = (act.q8[:, :cols].reshape(n, -1, 32) * act.d8[:, :cols // 32, None].astype(np.float64)).reshape(n, cols)
     d = np.abs(raw.reshape(rows, -1, 34)[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64))

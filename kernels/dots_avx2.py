@@ -26,7 +26,7 @@ only hands a kernel out on a host that has its instructions.
 
 import numpy as np
 from numba import njit, prange
-from pyllm.kernels.lowbit import NF4_HI, NF4_LO, NF4_SHIFT
+from pyllm.kernels.lowbit import NF4_HI, NF4_HI_OFFSET, NF4_HIU, NF4_LO, NF4_SHIFT
 from pyllm.kernels.quants import u32_at
 from pyllm.kernels.simd import (
     bcast4,
@@ -204,16 +204,11 @@ def _nf4_codes(row, o, shift):
 
 
 @njit(inline="always")
-def _nf4_dot(codes, yv):
-    """int32 lanes of the pair sums NF4_INT[code_j] * yv_j (each lane: 4 consecutive bytes)."""
-    lo, ahi, hi = codes
-    return vadd(madd(maddubs(lo, yv), splat_i16(1)), madd(maddubs(ahi, sign(yv, hi)), splat_i16(128)))
-
-
-@njit(inline="always")
 def _nf4_sums(codes, y, yo):
     """int32 lanes of sum_j NF4_INT[code_j] * y[yo + j] over the 32 values of codes."""
-    return _nf4_dot(codes, load_i8x32(y, yo))
+    lo, ahi, hi = codes
+    yv = load_i8x32(y, yo)
+    return vadd(madd(maddubs(lo, yv), splat_i16(1)), madd(maddubs(ahi, sign(yv, hi)), splat_i16(128)))
 
 
 @njit(inline="always", fastmath=True)
@@ -908,18 +903,28 @@ def _x8_q8_0(dot_u8s8):
 # NF4x8 (272 bytes per group and 64-value block): d[8] f16 | 8 chunks of 32 bytes, byte 4r+i of
 # chunk c is byte 4c+i of row r's qs (low nibble: value 4c+i, meeting activation block 2b; high
 # nibble: value 32+4c+i, block 2b+1). The row lanes replace mm_nf4's per-row scale broadcast and
-# two horizontal sums with one f16x8 scale load per block.
+# two horizontal sums with one f16x8 scale load per block. The high parts are offset by +32
+# (lowbit.NF4_HIU, 0..64) so they meet y unsigned, without mm_nf4's two vpsignb; the offset
+# comes back out as 128 * 32 * sum(y) per activation block (Q8_0's y8), in int32.
+
+
+@njit(inline="always")
+def _nf4u_sums(wg, q, shift, yv):
+    idx = vand(vshr(load_i8x32(wg, q), shift), splat_i8(15))
+    lo = shuffle_bytes(load_i8x32(NF4_LO, 0), idx)
+    hiu = shuffle_bytes(load_i8x32(NF4_HIU, 0), idx)  # pair sums <= 2 * 64 * 127: no saturation
+    return vadd(madd(maddubs(lo, yv), splat_i16(1)), madd(maddubs(hiu, yv), splat_i16(128)))
 
 
 @njit(inline="always", fastmath=True)
-def _nf4x8_part(wg, b, y, dy, acc):
+def _nf4x8_part(wg, b, y, dy, ysum, acc):
     o = 272 * b
-    lo_sum = zero_i32()
-    hi_sum = zero_i32()
+    lo_sum = splat_i32(-128 * NF4_HI_OFFSET * ysum[2 * b])
+    hi_sum = splat_i32(-128 * NF4_HI_OFFSET * ysum[2 * b + 1])
     for c in range(8):
         q = o + 16 + 32 * c
-        lo_sum = vadd(lo_sum, _nf4_dot(_nf4_codes(wg, q, 0), bcast4(y, 64 * b + 4 * c)))
-        hi_sum = vadd(hi_sum, _nf4_dot(_nf4_codes(wg, q, 4), bcast4(y, 64 * b + 32 + 4 * c)))
+        lo_sum = vadd(lo_sum, _nf4u_sums(wg, q, 0, bcast4(y, 64 * b + 4 * c)))
+        hi_sum = vadd(hi_sum, _nf4u_sums(wg, q, 4, bcast4(y, 64 * b + 32 + 4 * c)))
     d = vmul(load_f16x8(wg, o), splat_f32(_NF4_SCALE))
     acc = fmadd(vmul(d, splat_f32(dy[2 * b])), cvt_f32(lo_sum), acc)
     return fmadd(vmul(d, splat_f32(dy[2 * b + 1])), cvt_f32(hi_sum), acc)
@@ -927,10 +932,10 @@ def _nf4x8_part(wg, b, y, dy, acc):
 
 @njit(inline="always", fastmath=True)
 def _nf4x8_x1(wg, act, t, out, col):
-    y, dy = act.q8[t], act.d8[t]
+    y, dy, ysum = act.q8[t], act.d8[t], act.y8[t]
     acc = zero_f32()
     for b in range(wg.shape[0] // 272):
-        acc = _nf4x8_part(wg, b, y, dy, acc)
+        acc = _nf4x8_part(wg, b, y, dy, ysum, acc)
     store_f32x8(out[t], col, acc)
 
 
@@ -942,11 +947,12 @@ def _nf4x8_x4(wg, act, t, out, col):
     a3 = zero_f32()
     y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
     d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
+    s0, s1, s2, s3 = act.y8[t], act.y8[t + 1], act.y8[t + 2], act.y8[t + 3]
     for b in range(wg.shape[0] // 272):  # inlined, the four share the weight loads and lookups
-        a0 = _nf4x8_part(wg, b, y0, d0, a0)
-        a1 = _nf4x8_part(wg, b, y1, d1, a1)
-        a2 = _nf4x8_part(wg, b, y2, d2, a2)
-        a3 = _nf4x8_part(wg, b, y3, d3, a3)
+        a0 = _nf4x8_part(wg, b, y0, d0, s0, a0)
+        a1 = _nf4x8_part(wg, b, y1, d1, s1, a1)
+        a2 = _nf4x8_part(wg, b, y2, d2, s2, a2)
+        a3 = _nf4x8_part(wg, b, y3, d3, s3, a3)
     store_f32x8(out[t], col, a0)
     store_f32x8(out[t + 1], col, a1)
     store_f32x8(out[t + 2], col, a2)

@@ -93,6 +93,8 @@ NF4_SHIFT = 12
 NF4_INT = np.rint(NF4_VALUES.astype(np.float64) * 2.0 ** NF4_SHIFT).astype(np.int32)
 NF4_LO = np.tile((NF4_INT & 127).astype(np.int8), 2)  # 32 bytes: the 16 entries twice (vpshufb)
 NF4_HI = np.tile((NF4_INT >> 7).astype(np.int8), 2)
+NF4_HI_OFFSET = 32  # NF4_HI + 32 in 0..64: unsigned, as vpmaddubsw's first operand must be (NF4x8)
+NF4_HIU = np.tile(((NF4_INT >> 7) + NF4_HI_OFFSET).astype(np.int8), 2)
 
 # ggml's kvalues_mxfp4: E2M1 values doubled, so they are integers (ggml-common.h)
 MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)

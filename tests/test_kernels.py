@@ -279,6 +279,7 @@ def test_nf4_integer_mode_is_exact_on_every_path():
     raw = _nf4_rows(rng, rows, cols, np.ones((rows, cols // 64)))
     act = integer_act(rng, n, cols)
     act.q8[:] = rng.integers(-3, 4, size=act.q8.shape)
+    act.y8[:] = act.q8.reshape(n, -1, 32).astype(np.int32).sum(-1)  # the block sums NF4x8 reads
     exact, _ = _nf4_fixed_point(raw, act, cols)
     names = []
     for name, run in nf4_paths(raw):

@@ -245,7 +245,7 @@ def nf4_paths(raw):
         yield str(level), lambda act, out, level=level: NF4_PRODUCTS[level](int(GGMLType.NF4), raw, act, out)
         packed = block_type(GGMLType.NF4).repacked(raw, level)
         if packed is not None:
-            yield f"{level} NF4x8", lambda act, out, level=level: NF4_PRODUCTS[level](*packed, act, out)
+            yield f"{level} NF4x8", lambda act, out, level=level, packed=packed: NF4_PRODUCTS[level](*packed, act, out)
 
 
 def _nf4_rows(rng, rows, cols, d):

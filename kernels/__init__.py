@@ -20,10 +20,16 @@ def _cache_dir() -> Path:
     Numba checks only the timestamp of the file a cached function is defined in, so the
     compiled step (kernels/forward.py) would outlive an edit of a kernel it inlines from
     another file and run the old code. Keying the directory on the hash of every compiled
-    source (this package, the trainer's ops, base.py) makes any edit a fresh cache.
+    source (this package, the trainer's ops, base.py) and its location makes any edit, and
+    every install, a cache of its own.
     Under $NUMBA_CACHE_DIR when set, else ~/.cache/pyllm/numba (XDG_CACHE_HOME)."""
     root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha1(f"{numba.__version__} {numba.config.PYVERSION}".encode())
+    # The install's location too: Numba's index of each function also records its source file's
+    # mtime, so two installs with equal sources (two venvs, a clone) sharing one directory would
+    # each find the other's index stale, renumber its entries from 1 and overwrite the other's
+    # data files, and then load a kernel compiled for another key (seen: ZeroDivisionError in
+    # the step under two concurrent test runs).
+    h = hashlib.sha1(f"{numba.__version__} {numba.config.PYVERSION} {root}".encode())
     for p in sorted([*root.glob("kernels/*.py"), *root.glob("tuner/*.py"), *root.glob("runtime/*.py"),
                      root / "base.py"]):
         h.update(p.name.encode() + p.read_bytes())

@@ -244,10 +244,10 @@ def test_the_avx2_product_kernels_use_the_instructions():
 
     act = act_of(np.zeros((1, 512), np.float32))
     text = ""
-    for dispatcher, qt, row_bytes in ((PRODUCTS[cpu.AVX2], int(GGMLType.Q8_0), 544), (_nf4_product(cpu.AVX2), None, 272)):
+    for dispatcher, qt, row_bytes in ((PRODUCTS[cpu.AVX2], int(GGMLType.Q8_0), 544),
+                                      (_nf4_product(cpu.AVX2), int(GGMLType.NF4), 272)):
         fresh = njit(dispatcher.py_func)
-        args = (np.zeros((1, row_bytes), np.uint8), act, np.zeros((1, 1), np.float32))
-        fresh(qt, *args) if qt is not None else fresh(*args)
+        fresh(qt, np.zeros((1, row_bytes), np.uint8), act, np.zeros((1, 1), np.float32))
         text += "\n".join(fresh.inspect_asm().values())
     for op in ["vpmaddubsw", "vpmaddwd", "vpsignb", "vpshufb", "vcvtph2ps", "vfmadd"]:
         assert op in text, op

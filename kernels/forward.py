@@ -29,15 +29,10 @@ Walsh-Hadamard matrix after rope, v before it is stored and the attention output
 """
 
 import copy
-import hashlib
-import pickle
-import subprocess
-import sys
+import functools
 import threading
 from collections import namedtuple
-from pathlib import Path
 
-import numba
 import numpy as np
 from numba import literally, njit, prange
 from numba.typed import List
@@ -128,6 +123,7 @@ def _quantize_rows(forms, x, n, cols, act, f16):
 SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER = 1, 2, 4
 
 
+@functools.cache
 def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: int, vt: int, skip: int = 0):
     """forward() for one set of weight types (bit mask), activation forms and kernel levels
     (isa for the products, ops_isa for attention and the SwiGLU, which need head_dim and
@@ -138,7 +134,11 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
     stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
     products, attention, other = not skip & SKIP_PRODUCTS, not skip & SKIP_ATTENTION, not skip & SKIP_OTHER
 
-    # Cached like every kernel, and compiled in a child process (_compile_apart says why).
+    # Cached like every kernel. Note: the step loaded from Numba's cache rounds differently from
+    # the same step compiled in the process (stories260K F32: logits differ by ~5e-7 relative),
+    # and the int8 activations amplify that over 30 layers (SmolLM2 Q4_1: per-position cosine
+    # down to 0.98 between the two, as a 1e-6 relative change of the norm weights gives 0.996);
+    # both are valid evaluations. Cause of the rounding difference not found.
     @njit(cache=True)
     def forward(ids, start, P, S, kc, vc, logits, mode):
         if stamp < 0:
@@ -215,52 +215,6 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
         _add_lora(P, 7 * n_layers, h, n - first, logits)
 
     return forward
-
-
-_STEPS: dict = {}  # (_compiled's arguments) -> the step, one dispatcher per process
-
-
-def _step(key: tuple):
-    if key not in _STEPS:
-        _STEPS[key] = _compiled(*key)
-    return _STEPS[key]
-
-
-# Why the step is compiled in a child process: a step JIT-compiled in this process rounds
-# differently from the same step loaded from Numba's disk cache (measured: stories260K F32,
-# logits 5e-7 relative apart; the callees are not the cause, forward's own code is, and loading
-# it again in the process that compiled it does not help). Int8 activations amplify that
-# (SmolLM2 Q4_1, wikitext: PPL 25.62 compiled here against 25.67 loaded), so a first run would
-# give other numbers than every later run. Compiled apart, every run loads the same code.
-_CHILD = "import sys; from pyllm.kernels.forward import compile_from_stdin; compile_from_stdin(sys.stdin.buffer)"
-
-
-def _compile_apart(key: tuple, signature: tuple) -> bool:
-    """Compile the step of key for signature (numba types) in a child Python, which saves it in
-    Numba's disk cache, unless a marker file says an earlier run did (Numba has no public way to
-    ask whether its cache holds a function). False where the child cannot run (a frozen app) or
-    failed: the caller's first call then compiles the step in this process."""
-    marker = Path(numba.config.CACHE_DIR) / "steps" / hashlib.sha1(repr((key, signature)).encode()).hexdigest()
-    if marker.exists():
-        return True
-    if getattr(sys, "frozen", False):
-        return False
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD], input=pickle.dumps((key, signature)),
-                              capture_output=True, check=False)
-        if proc.returncode != 0:
-            return False
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    except OSError:
-        return False
-    return True
-
-
-def compile_from_stdin(stream):
-    """The child's side of _compile_apart: read (key, signature), compile and cache the step."""
-    key, signature = pickle.load(stream)
-    _compiled(*key).compile(signature)
 
 
 # -- packing a model for the step -------------------------------------------------------------
@@ -362,8 +316,7 @@ class Decoder:
         self.type_v = kvcache.cache_type(v_cache, head_dim)
         self._key = (type_mask(self.qtypes), act_forms(self.qtypes), self.isa, type_mask([token_embd.qtype]), ops_isa,
                      self.type_k.code, self.type_v.code)
-        self._skip, self._ready = skip, False
-        self.step = _step(self._key + (skip,))
+        self.step = _compiled(*self._key, skip)
         self._scratch = None
         self._batch = 0
 
@@ -395,8 +348,7 @@ class Decoder:
         """The same packed model and caches with a step that leaves out parts of the work
         (SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER): for profiles only."""
         d = copy.copy(self)
-        d._skip, d._ready = skip, False
-        d.step = _step(self._key + (skip,))
+        d.step = _compiled(*self._key, skip)
         return d
 
     @property
@@ -427,8 +379,6 @@ class Decoder:
 
     def __call__(self, ids: np.ndarray, start: int, all_logits: bool) -> np.ndarray:
         """Run ids (int64) at positions start.. ; logits (len(ids) or 1, vocab)."""
-        if not self._ready:
-            self.compile()
         n = len(ids)
         out = np.empty((n if all_logits else 1, self.vocab), np.float32)
         for b in range(0, n, MAX_BATCH):
@@ -447,12 +397,8 @@ class Decoder:
             timer = threading.Timer(delay, progress, args=(f"compiling kernels for {self.kernels}, first run only",))
             timer.daemon = True
             timer.start()
-        self._ready = True
-        args = (np.zeros(1, np.int64), 0, self.plan, self.scratch(1), self.k_cache, self.v_cache,
-                np.zeros((1, self.vocab), np.float32), 1)
         try:
-            _compile_apart(self._key + (self._skip,), tuple(numba.typeof(a) for a in args))
-            self.step(*args)  # loaded from the cache (compiled here where the child could not)
+            self(np.zeros(1, np.int64), 0, False)
         finally:
             if timer is not None:
                 timer.cancel()

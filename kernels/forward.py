@@ -124,13 +124,16 @@ SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER = 1, 2, 4
 
 
 @functools.cache
-def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: int, vt: int, skip: int = 0):
+def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: int, vt: int, rotate: bool,
+              lora: bool, skip: int = 0):
     """forward() for one set of weight types (bit mask), activation forms and kernel levels
     (isa for the products, ops_isa for attention and the SwiGLU, which need head_dim and
     feed_forward_length multiples of 8 above PORTABLE) and K/V cache types (kt, vt: codes of
     kernels/kvcache.py): a closure over these integers only,
-    so Numba caches one compiled step per such set. skip (0 but in profiles) leaves out parts
-    of the work: SKIP_PRODUCTS etc."""
+    so Numba caches one compiled step per such set. rotate (any cache rotated, kvcache.rotation)
+    and lora (any adapter set) are constants too: a step without them does not compile their
+    code (Numba prunes a branch on a constant; ~1.5 s and ~2 s of a first compile). skip (0 but
+    in profiles) leaves out parts of the work: SKIP_PRODUCTS etc."""
     stamp = SOURCE_STAMP  # a free variable: a changed kernel file is a new cache key
     products, attention, other = not skip & SKIP_PRODUCTS, not skip & SKIP_ATTENTION, not skip & SKIP_OTHER
 
@@ -161,27 +164,29 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[0, 0], R[0, 1], act, n, y)
             for s in range(3):
-                _add_lora(P, base + s, h, n, y)
+                if lora:
+                    _add_lora(P, base + s, h, n, y)
                 _add_bias(y, n, meta[base + s, 3], P.bias, meta[base + s, 4], meta[base + s, 1])
             if other:
                 ops.rope(y[:n, qc:qc + qd], n_heads, head_dim, rope_dim, start, P.cos, P.sin, neox)
                 ops.rope(y[:n, kc_:kc_ + kvd], n_kv, head_dim, rope_dim, start, P.cos, P.sin, neox)
-                if rot_k:  # q.k is unchanged: H is orthonormal
+                if rotate and rot_k:  # q.k is unchanged: H is orthonormal
                     ops.hadamard(y[:n, qc:qc + qd], n, qd, rot_k)
                     ops.hadamard(y[:n, kc_:kc_ + kvd], n, kvd, rot_k)
-                if rot_v:
+                if rotate and rot_v:
                     ops.hadamard(y[:n, vc_:vc_ + kvd], n, kvd, rot_v)
                 kvcache.store_kv(kt, vt, y[:n, kc_:kc_ + kvd], y[:n, vc_:vc_ + kvd], kc[li], vc[li], start, f16)
             if attention:
                 ops.attention_kv_at(ops_isa, kt, vt, y, qc, n, kc[li], vc[li], start, S.scores, S.acc, S.qq, f16,
                                  S.attn)
             if other:
-                if rot_v:  # the output is a sum of rotated values: H H = I undoes it
+                if rotate and rot_v:  # the output is a sum of rotated values: H H = I undoes it
                     ops.hadamard(S.attn, n, qd, rot_v)
                 _quantize_rows(forms, S.attn, n, qd, act, f16)
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[1, 0], R[1, 1], act, n, y)
-            _add_lora(P, base + OUT, S.attn, n, y)
+            if lora:
+                _add_lora(P, base + OUT, S.attn, n, y)
             _add_bias(y, n, meta[base + OUT, 3], P.bias, meta[base + OUT, 4], hidden)
             _residual(x, y, n, meta[base + OUT, 3], hidden)
             # feed-forward block: x += W_down (silu(W_gate h) * W_up h), h = rmsnorm(x)
@@ -190,8 +195,9 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
                 _quantize_rows(forms, h, n, hidden, act, f16)
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[2, 0], R[2, 1], act, n, y)
-            _add_lora(P, base + GATE, h, n, y)
-            _add_lora(P, base + UP, h, n, y)
+            if lora:
+                _add_lora(P, base + GATE, h, n, y)
+                _add_lora(P, base + UP, h, n, y)
             _add_bias(y, n, meta[base + GATE, 3], P.bias, meta[base + GATE, 4], ff)
             _add_bias(y, n, meta[base + UP, 3], P.bias, meta[base + UP, 4], ff)
             if other:
@@ -199,7 +205,8 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
                 _quantize_rows(forms, S.ff, n, ff, act, f16)
             if products:
                 _linears(mask, isa, P.W, meta, P.jobs, R[3, 0], R[3, 1], act, n, y)
-            _add_lora(P, base + DOWN, S.ff, n, y)
+            if lora:
+                _add_lora(P, base + DOWN, S.ff, n, y)
             _add_bias(y, n, meta[base + DOWN, 3], P.bias, meta[base + DOWN, 4], hidden)
             _residual(x, y, n, meta[base + DOWN, 3], hidden)
         # output (mode 0: none, 1: the last token's logits, 2: every token's)
@@ -212,7 +219,8 @@ def _compiled(mask: int, forms: int, isa: int, emb_mask: int, ops_isa: int, kt: 
         if products:
             j0, j1 = P.regions[n_layers, 0, 0], P.regions[n_layers, 0, 1]
             _linears(mask, isa, P.W, meta, P.jobs, j0, j1, act, n - first, logits)
-        _add_lora(P, 7 * n_layers, h, n - first, logits)
+        if lora:
+            _add_lora(P, 7 * n_layers, h, n - first, logits)
 
     return forward
 
@@ -314,9 +322,11 @@ class Decoder:
         ops_isa = self.isa if head_dim % 8 == 0 and ff % 8 == 0 else PORTABLE
         self.type_k = kvcache.cache_type(k_cache, head_dim)
         self.type_v = kvcache.cache_type(v_cache, head_dim)
+        rotate = bool(self.plan.dims[8] or self.plan.dims[9])
         self._key = (type_mask(self.qtypes), act_forms(self.qtypes), self.isa, type_mask([token_embd.qtype]), ops_isa,
-                     self.type_k.code, self.type_v.code)
-        self.step = _compiled(*self._key, skip)
+                     self.type_k.code, self.type_v.code, rotate)
+        self._skip = skip
+        self.step = _compiled(*self._key, False, skip)
         self._scratch = None
         self._batch = 0
 
@@ -343,12 +353,14 @@ class Decoder:
             b_parts.append(np.ascontiguousarray(b).reshape(-1))
             at_a, at_b = at_a + a.size, at_b + b.size
         self.plan = self.plan._replace(lora=table, lora_a=np.concatenate(a_parts), lora_b=np.concatenate(b_parts))
+        self.step = _compiled(*self._key, bool(table[:, 0].any()), self._skip)
 
     def without(self, skip: int) -> "Decoder":
         """The same packed model and caches with a step that leaves out parts of the work
         (SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER): for profiles only."""
         d = copy.copy(self)
-        d.step = _compiled(*self._key, skip)
+        d._skip = skip
+        d.step = _compiled(*self._key, bool(self.plan.lora[:, 0].any()), skip)
         return d
 
     @property

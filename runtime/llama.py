@@ -6,6 +6,7 @@ call per batch of tokens (kernels/forward.py: the prompt in batches, then each n
 alone), with activations quantized to int8 for the products as llama.cpp does.
 """
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,6 +244,7 @@ class Model:
     n_evaluated: int = 0  # tokens run through the network since load (for stats and tests)
     lora: dict = field(default_factory=dict)  # {base tensor name: [(A, B, scale)]}: runtime/lora.py
     _decoder: Decoder = field(repr=False, default=None)
+    _warming: tuple = field(repr=False, default=None)  # (thread, [its exception]) of warmup(background=True)
 
     @property
     def metadata(self) -> dict:
@@ -367,6 +369,7 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= a.vocab_size:
             raise PyllmError(f"token id out of range 0..{a.vocab_size - 1}")
+        self.finish_warmup()
         logits = self.decoder(ids, start, all_logits)  # (n or 1, vocab)
         self.tokens.extend(int(i) for i in ids)
         self.n_evaluated += n
@@ -395,6 +398,7 @@ class Model:
     def set_lora(self, deltas: dict):
         """Apply LoRA adapters: {base tensor name: [(A, B, scale)]} (runtime/lora.py
         load_adapters); {} removes them. The cache is dropped: its K/V came from other weights."""
+        self.finish_warmup()
         self.lora = dict(deltas)
         if self._decoder is not None:
             self._decoder.set_lora(self.lora)
@@ -406,13 +410,51 @@ class Model:
         logits = self._forward(ids, all_logits)
         return logits if all_logits else logits[0]
 
-    def warmup(self, progress=None):
+    def warmup(self, progress=None, background: bool = False):
         """Compile (or load from Numba's cache) the model's step now, so that first-token
         latency measures the model, not the JIT. progress(message) is called when the
-        kernels are really being compiled (an empty cache: first run only)."""
-        self.decoder.compile(progress)
-        self.reset()
+        kernels are really being compiled (an empty cache: first run only).
+
+        background: compile in a thread and return at once (the model is packed first, here);
+        the first evaluation waits for it (finish_warmup). A chat compiles while its user
+        types: a first run's 30-40 s of compiling need not all be waited for."""
+        self.finish_warmup()
+        decoder = self.decoder
+        self.reset()  # the warm-up token overwrites cache position 0
         self.n_evaluated = 0
+        if not background:
+            decoder.compile(progress)
+            return
+        error = []
+
+        def run():
+            try:
+                decoder.compile(progress)
+            except BaseException as e:  # raised again in the thread that waits for it
+                error.append(e)
+
+        thread = threading.Thread(target=run, name="pyllm-warmup")
+        thread.start()
+        self._warming = (thread, error)
+
+    @property
+    def warming(self) -> bool:
+        """A background warm-up is still compiling."""
+        return self._warming is not None and self._warming[0].is_alive()
+
+    def finish_warmup(self, timeout: float | None = None) -> bool:
+        """Wait for a background warm-up (at most timeout seconds); True when none is left.
+        Its error, if it failed, is raised here."""
+        if self._warming is None:
+            return True
+        thread, error = self._warming
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        self._warming = None
+        if error:
+            raise error[0]
+        return True
 
     def logits(self, ids) -> np.ndarray:
         """Logits at every position of ids, evaluated from an empty cache: (n, vocab)."""

@@ -24,6 +24,37 @@ def test_stories260k_greedy_reproduces_llama2c_sample(stories):
     assert text.startswith(expected.rstrip("\n"))
 
 
+def test_background_warmup_is_waited_for(stories260k):
+    """warmup(background=True) returns before the step is ready (here: a compile held back
+    by a test); the first evaluation waits for it, and the text is llama2.c's."""
+    import threading
+
+    m = pyllm.load(stories260k, n_ctx=512, n_threads=2, cache_type_k="f32", cache_type_v="f32")
+    m.eval(m.tokenizer.encode("Lily"))  # cached tokens the warm-up must drop (it writes position 0)
+    release, compile_ = threading.Event(), m.decoder.compile
+    m.decoder.compile = lambda progress=None: (release.wait(30), compile_(progress))
+    m.warmup(background=True)
+    assert m.warming and not m.finish_warmup(timeout=0.05) and m.tokens == []
+    release.set()
+    expected = (DATA / "stories260K_greedy.txt").read_text()
+    assert pyllm.generate(m, "", max_tokens=256, temp=0).startswith(expected.rstrip("\n"))
+    assert not m.warming and m.finish_warmup(timeout=0)
+
+
+def test_background_warmup_error_reaches_the_caller(stories260k):
+    m = pyllm.load(stories260k, n_ctx=64)
+
+    def fail(progress=None):
+        raise MemoryError("no room for the step")
+
+    m.decoder.compile = fail
+    m.warmup(background=True)
+    with pytest.raises(MemoryError, match="no room"):
+        m.eval([1])
+    assert m.finish_warmup()  # raised once; the model is usable afterwards
+    assert m.eval([1]).shape == (m.args.vocab_size,)
+
+
 def _cosines(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 

@@ -430,7 +430,7 @@ class Model:
         def run():
             try:
                 decoder.compile(progress)
-            except BaseException as e:  # raised again in the thread that waits for it
+            except BaseException as e:  # noqa: BLE001 -- raised again in the thread that waits for it
                 error.append(e)
 
         thread = threading.Thread(target=run, name="pyllm-warmup")

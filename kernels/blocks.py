@@ -33,7 +33,7 @@ from pyllm.kernels.cpu import AVX2, AVX512VNNI, isa_supported
 
 # Ids of the interleaved layouts (eight rows per group, repacked at load): not GGUF types, so
 # above every ggml_type id (and below pyllm's own types, 1000 on).
-Q4_0X8, Q4_1X8, Q8_0X8, Q5_0X8, Q5_1X8, NF4X8 = 48, 49, 50, 51, 52, 53
+Q4_0X8, Q4_1X8, Q8_0X8, Q5_0X8, Q5_1X8, NF4X8, Q4_KX8, Q6_KX8 = 48, 49, 50, 51, 52, 53, 54, 55
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,11 @@ def _register_all():
                   quantize.row_q8_0, repack=(Q8_0X8, x.repack_q8_0x8)),
         BlockType(T.Q2_K, q.decode_q2_k, ACT_Q8_K, d.dot_q2_k, {AVX2: x.mm_q2_k}, quantize.row_q2_k),
         BlockType(T.Q3_K, q.decode_q3_k, ACT_Q8_K, d.dot_q3_k, {AVX2: x.mm_q3_k}, quantize.row_q3_k),
-        BlockType(T.Q4_K, q.decode_q4_k, ACT_Q8_K, d.dot_q4_k, {AVX2: x.mm_q4_k}, quantize.row_q4_k),
+        BlockType(T.Q4_K, q.decode_q4_k, ACT_Q8_K, d.dot_q4_k, {AVX2: x.mm_q4_k}, quantize.row_q4_k,
+                  repack=(Q4_KX8, x.repack_q4_kx8)),
         BlockType(T.Q5_K, q.decode_q5_k, ACT_Q8_K, d.dot_q5_k, {AVX2: x.mm_q5_k}, quantize.row_q5_k),
-        BlockType(T.Q6_K, q.decode_q6_k, ACT_Q8_K, d.dot_q6_k, {AVX2: x.mm_q6_k}, quantize.row_q6_k),
+        BlockType(T.Q6_K, q.decode_q6_k, ACT_Q8_K, d.dot_q6_k, {AVX2: x.mm_q6_k}, quantize.row_q6_k,
+                  repack=(Q6_KX8, x.repack_q6_kx8)),
         # Q8_K is an activation format: quantizable (llama.cpp's reference), never a weight here.
         BlockType(T.Q8_K, None, ACT_Q8_K, None, {}, quantize.row_q8_k),
         # interleaved layouts: only SIMD kernels, so only made where those run (repacked())
@@ -163,6 +165,8 @@ def _register_all():
         BlockType(Q5_0X8, None, ACT_Q8_0, None, {AVX2: x.mm_q5_0x8}, label="Q5_0x8"),
         BlockType(Q5_1X8, None, ACT_Q8_1, None, {AVX2: x.mm_q5_1x8}, label="Q5_1x8"),
         BlockType(NF4X8, None, ACT_Q8_0, None, {AVX2: x.mm_nf4x8}, label="NF4x8"),
+        BlockType(Q4_KX8, None, ACT_Q8_K, None, {AVX2: x.mm_q4_kx8}, label="Q4_Kx8"),
+        BlockType(Q6_KX8, None, ACT_Q8_K, None, {AVX2: x.mm_q6_kx8}, label="Q6_Kx8"),
     ]:
         register(bt)
     # pyllm's low-bit float types and ggml's MXFP4 (kernels/lowbit.py): NF4 against Q8_0 in fixed

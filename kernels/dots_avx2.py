@@ -30,6 +30,7 @@ from pyllm.kernels.lowbit import NF4_HI, NF4_HI_OFFSET, NF4_HIU, NF4_LO, NF4_SHI
 from pyllm.kernels.quants import u32_at
 from pyllm.kernels.simd import (
     bcast4,
+    bcast_i16x2,
     bits_to_bytes,
     cvt_f32,
     dpbusd,
@@ -45,6 +46,7 @@ from pyllm.kernels.simd import (
     load_i8x32,
     load_i16x16,
     load_nibbles,
+    load_u8x8_twice_i16,
     load_u8x16_as_i16,
     madd,
     maddubs,
@@ -56,6 +58,7 @@ from pyllm.kernels.simd import (
     splat_i16,
     splat_i32,
     store_f32x8,
+    twice_i16,
     u32x4_as_i16,
     vadd,
     vand,
@@ -972,6 +975,218 @@ mm_q5_0x8 = _x8_nibbles(176, 48, _five_bit, _y8_of, _finish_q5_0)
 mm_q5_1x8 = _x8_nibbles(192, 64, _five_bit, _s8_of, _finish_q4_1)
 mm_q8_0x8 = _x8_q8_0(_dot_u8s8)
 mm_q8_0x8_vnni = _x8_q8_0(_dot_u8s8_vnni)
+
+
+def _x8_super(size, sums, sums4, finish):
+    """Q4_Kx8, Q6_Kx8 (`size` bytes per group and super-block) against Q8_K: sums(wg, o, y, yo)
+    the int32 lanes of the super-block at wg[o] against quants y[yo:yo + 256], sums4 the same
+    for four tokens at once, finish(wg, o, b, isum, dy, bs, acc) scales them (and takes off the
+    mins or offsets through the bsums) into acc."""
+
+    @njit(inline="always", fastmath=True)
+    def x1(wg, act, t, out, col):
+        y, dy, bs = act.qk[t], act.dk[t], act.bk[t]
+        acc = zero_f32()
+        for b in range(wg.shape[0] // size):
+            o = size * b
+            acc = finish(wg, o, b, sums(wg, o, y, 256 * b), dy, bs, acc)
+        store_f32x8(out[t], col, acc)
+
+    @njit(inline="always", fastmath=True)
+    def x4(wg, act, t, out, col):
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        y0, y1, y2, y3 = act.qk[t], act.qk[t + 1], act.qk[t + 2], act.qk[t + 3]
+        d0, d1, d2, d3 = act.dk[t], act.dk[t + 1], act.dk[t + 2], act.dk[t + 3]
+        s0, s1, s2, s3 = act.bk[t], act.bk[t + 1], act.bk[t + 2], act.bk[t + 3]
+        for b in range(wg.shape[0] // size):
+            o = size * b
+            i0, i1, i2, i3 = sums4(wg, o, y0, y1, y2, y3, 256 * b)
+            a0 = finish(wg, o, b, i0, d0, s0, a0)
+            a1 = finish(wg, o, b, i1, d1, s1, a1)
+            a2 = finish(wg, o, b, i2, d2, s2, a2)
+            a3 = finish(wg, o, b, i3, d3, s3, a3)
+        store_f32x8(out[t], col, a0)
+        store_f32x8(out[t + 1], col, a1)
+        store_f32x8(out[t + 2], col, a2)
+        store_f32x8(out[t + 3], col, a3)
+
+    return _grouped(x1, x4)
+
+
+# Q4_Kx8 (1184 bytes per group and 256-value super-block). As llama.cpp's block_q4_Kx8
+# (repack.cpp) it interleaves 8 rows' quants in 4-byte runs, but the six-bit scales and mins
+# are unpacked at load, a byte each (32 bytes more per 1152, +2.8%), so applying them takes
+# no shuffles:
+#   d[8] f16 | dmin[8] f16 | scales[j][r] (64 bytes) | mins[j][r] (64) | 32 chunks of 32 bytes:
+#   byte 4r+i of chunk k is byte 4k+i of row r's qs (chunk 8c+i: low nibbles are quants 4i..4i+3
+#   of sub-block 2c, high nibbles those of sub-block 2c+1).
+# Sub-block j of the 8 rows: 8 vpmaddubsw of nibbles against activation quads broadcast to the
+# rows, summed in int16 (<= 8 * 2 * 15 * 128 = 30720), then one vpmaddwd by the rows' scales
+# (each in both int16 halves of its row's int32 lane). The mins meet the two Q8_K 16-sums of
+# sub-block j in one vpmaddwd.
+
+
+@njit(inline="always")
+def _q4_kx8_int(wg, o, y, yo):
+    m4 = splat_i8(15)
+    isum = zero_i32()
+    for c in range(4):
+        lo = zero_i16()
+        hi = zero_i16()
+        for i in range(8):
+            v = load_i8x32(wg, o + 160 + 32 * (8 * c + i))
+            lo = vadd(lo, maddubs(vand(v, m4), bcast4(y, yo + 64 * c + 4 * i)))
+            hi = vadd(hi, maddubs(vand(vshr(v, 4), m4), bcast4(y, yo + 64 * c + 32 + 4 * i)))
+        isum = vadd(isum, madd(lo, load_u8x8_twice_i16(wg, o + 32 + 16 * c)))
+        isum = vadd(isum, madd(hi, load_u8x8_twice_i16(wg, o + 40 + 16 * c)))
+    return isum
+
+
+@njit(inline="always")
+def _q4_kx8_mins(wg, o, bs, bo):
+    s = zero_i32()
+    for j in range(8):
+        s = vadd(s, madd(load_u8x8_twice_i16(wg, o + 96 + 8 * j), bcast_i16x2(bs, bo + 2 * j)))
+    return s
+
+
+@njit(inline="always")
+def _q4_kx8_int4(wg, o, y0, y1, y2, y3, yo):
+    # inlined, the four share the weight loads and nibbles
+    return (_q4_kx8_int(wg, o, y0, yo), _q4_kx8_int(wg, o, y1, yo), _q4_kx8_int(wg, o, y2, yo),
+            _q4_kx8_int(wg, o, y3, yo))
+
+
+@njit(inline="always", fastmath=True)
+def _q4_kx8_finish(wg, o, b, isum, dy, bs, acc):
+    acc = fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(isum), acc)
+    return fmadd(vmul(load_f16x8(wg, o + 16), splat_f32(-dy[b])), cvt_f32(_q4_kx8_mins(wg, o, bs, 16 * b)), acc)
+
+
+mm_q4_kx8 = _x8_super(1184, _q4_kx8_int, _q4_kx8_int4, _q4_kx8_finish)
+
+
+def repack_q4_kx8(data):
+    rows, nb = data.shape[0], data.shape[1] // 144
+    q = data.reshape(rows, nb, 144)[:, :, 4:16]
+    # the six-bit scales and mins of sub-blocks 0..7 (llama.cpp's get_scale_min_k4)
+    sc = np.concatenate([q[..., 0:4] & 63, (q[..., 8:12] & 15) | ((q[..., 0:4] >> 6) << 4)], axis=2)
+    mn = np.concatenate([q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=2)
+
+    def by_row(v):  # (rows, nb, j) -> (groups, nb, j * 8 + r)
+        return v.reshape(rows // 8, 8, nb, 8).transpose(0, 2, 3, 1).reshape(rows // 8, nb, 64)
+
+    scales = _interleave(data, 144, [(0, 2, 2), (2, 4, 2)]).reshape(rows // 8, nb, 32)
+    quants = _interleave(data, 144, [(16, 144, 4)]).reshape(rows // 8, nb, 1024)
+    parts = [scales, by_row(sc), by_row(mn), quants]
+    return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(rows // 8, -1))
+
+
+# Q6_Kx8 (1680 bytes per group and super-block, 8 x 210: no bigger): d[8] f16 | scale pairs:
+# byte 16jp + 2r + k is scale 2jp+k of row r (int8) | then, for half h and quad i (in the order
+# the kernel reads them, so that a group streams front to back: interleaved streams ran at half
+# the memory bandwidth), 96 bytes: ql[64h + 4i], ql[64h + 32 + 4i] and qh[32h + 4i], each 4 bytes
+# of every row (byte 4r+i' of a 32-byte chunk is row r's). Quants are 0..63 here (the -32 comes
+# off through the bsums, as in _q6_k_block); pair sums reach 2 * 63 * 128, so int16 holds two
+# vpmaddubsw before a vpmaddwd by the sub-block's scales.
+
+
+@njit(inline="always")
+def _element(pairs, k):
+    """Element k (0 or 1, known once the loops unroll) of each int16 pair, in both halves."""
+    return twice_i16(pairs, 1) if k else twice_i16(pairs, 0)
+
+
+@njit(inline="always")
+def _q6_kx8_quants(wg, o, h, i, kind):
+    """Quants 0..63 of quad i of run `kind` (0..3) of half h, the 8 rows' (32 bytes): the low
+    or high nibbles of ql[64h + 32 (kind % 2) + 4i], and bits 2 kind of qh[32h + 4i]."""
+    m4 = splat_i8(15)
+    at = o + 144 + 96 * (8 * h + i)
+    ql = load_i8x32(wg, at + 32 * (kind % 2))
+    low = vand(ql, m4) if kind < 2 else vand(vshr(ql, 4), m4)
+    return vor(low, vshl(vand(vshr(load_i8x32(wg, at + 64), 2 * kind), splat_i8(3)), 4))
+
+
+@njit(inline="always")
+def _q6_kx8_scales(wg, o, h, q, kind):
+    """The 8 rows' scales of the sub-block that quads 2q, 2q + 1 of run `kind` of half h fall
+    in (j = 8h + 2 kind + q // 2), each in both halves of its row's lane: element j % 2 of
+    scale pair j // 2."""
+    j = 8 * h + 2 * kind + q // 2
+    return _element(load_i8x16_as_i16(wg, o + 16 + 8 * (j - j % 2)), j % 2)
+
+
+@njit(inline="always")
+def _q6_kx8_int(wg, o, y, yo):
+    isum = zero_i32()
+    for h in range(2):  # two halves of 128 values, each four runs of 32
+        for q in range(4):  # quads 2q, 2q + 1 of each run in int16, then their sub-blocks' scales
+            s0 = zero_i16()
+            s1 = zero_i16()
+            s2 = zero_i16()
+            s3 = zero_i16()
+            for i in range(2 * q, 2 * q + 2):  # the four runs share the loads of ql and qh
+                yq = yo + 128 * h + 4 * i
+                s0 = vadd(s0, maddubs(_q6_kx8_quants(wg, o, h, i, 0), bcast4(y, yq)))
+                s1 = vadd(s1, maddubs(_q6_kx8_quants(wg, o, h, i, 1), bcast4(y, yq + 32)))
+                s2 = vadd(s2, maddubs(_q6_kx8_quants(wg, o, h, i, 2), bcast4(y, yq + 64)))
+                s3 = vadd(s3, maddubs(_q6_kx8_quants(wg, o, h, i, 3), bcast4(y, yq + 96)))
+            isum = vadd(isum, madd(s0, _q6_kx8_scales(wg, o, h, q, 0)))
+            isum = vadd(isum, madd(s1, _q6_kx8_scales(wg, o, h, q, 1)))
+            isum = vadd(isum, madd(s2, _q6_kx8_scales(wg, o, h, q, 2)))
+            isum = vadd(isum, madd(s3, _q6_kx8_scales(wg, o, h, q, 3)))
+    return isum
+
+
+@njit(inline="always")
+def _q6_kx8_int4(wg, o, y0, y1, y2, y3, yo):
+    # the tokens innermost: each unpacked quant vector meets the four in turn (as four
+    # _q6_kx8_int one after another, LLVM keeps 64 unpacked vectors alive and spills them)
+    i0 = zero_i32()
+    i1 = zero_i32()
+    i2 = zero_i32()
+    i3 = zero_i32()
+    for h in range(2):
+        for kind in range(4):
+            for q in range(4):
+                s0 = zero_i16()
+                s1 = zero_i16()
+                s2 = zero_i16()
+                s3 = zero_i16()
+                for i in range(2 * q, 2 * q + 2):
+                    v = _q6_kx8_quants(wg, o, h, i, kind)
+                    yq = yo + 128 * h + 32 * kind + 4 * i
+                    s0 = vadd(s0, maddubs(v, bcast4(y0, yq)))
+                    s1 = vadd(s1, maddubs(v, bcast4(y1, yq)))
+                    s2 = vadd(s2, maddubs(v, bcast4(y2, yq)))
+                    s3 = vadd(s3, maddubs(v, bcast4(y3, yq)))
+                sc = _q6_kx8_scales(wg, o, h, q, kind)
+                i0 = vadd(i0, madd(s0, sc))
+                i1 = vadd(i1, madd(s1, sc))
+                i2 = vadd(i2, madd(s2, sc))
+                i3 = vadd(i3, madd(s3, sc))
+    return i0, i1, i2, i3
+
+
+@njit(inline="always", fastmath=True)
+def _q6_kx8_finish(wg, o, b, isum, dy, bs, acc):
+    offset = zero_i32()
+    for jp in range(8):  # 32 * sum_j scale_j * bsum_j, row by row
+        offset = vadd(offset, madd(load_i8x16_as_i16(wg, o + 16 + 16 * jp), bcast_i16x2(bs, 16 * b + 2 * jp)))
+    return fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(vsub(isum, vshl(offset, 5))), acc)
+
+
+mm_q6_kx8 = _x8_super(1680, _q6_kx8_int, _q6_kx8_int4, _q6_kx8_finish)
+
+
+def repack_q6_kx8(data):
+    quads = [(at, at + 4, 4) for h in range(2) for i in range(8)
+             for at in (64 * h + 4 * i, 64 * h + 32 + 4 * i, 128 + 32 * h + 4 * i)]
+    return _interleave(data, 210, [(208, 210, 2), (192, 208, 2)] + quads)
 
 
 def _interleave(data, nbytes, parts):

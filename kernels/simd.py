@@ -565,6 +565,37 @@ def load_u8x16_as_i16(typingctx, arr, i):
 
 
 @intrinsic
+def load_u8x8_twice_i16(typingctx, arr, i):
+    """8 unsigned bytes from element i, byte k zero-extended into int16 lanes 2k and 2k+1: a
+    value per int32 lane (per row of an interleaved layout) for madd to multiply a pair by."""
+    if not (_is_byte_array(arr) and _is_index(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v8 = ir.VectorType(ir.IntType(8), 8)
+        v = builder.load(_address(context, builder, sig.args[0], args[0], args[1], v8), align=1)
+        w = builder.zext(v, ir.VectorType(ir.IntType(16), 8))
+        twice = ir.Constant(ir.VectorType(ir.IntType(32), 16), [k // 2 for k in range(16)])
+        return builder.shuffle_vector(w, ir.Constant(w.type, ir.Undefined), twice)
+
+    return I16x16(arr, i), codegen
+
+
+@intrinsic
+def bcast_i16x2(typingctx, arr, i):
+    """arr[i], arr[i + 1] of an int16 array, repeated in all eight pairs of int16 lanes (vpbroadcastd)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.layout == "C" and _is_index(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        w = builder.load(_address(context, builder, sig.args[0], args[0], args[1], i32), align=2)
+        return builder.bitcast(_splat(builder, _llvm(I32x8), w), _llvm(I16x16))
+
+    return I16x16(arr, i), codegen
+
+
+@intrinsic
 def u32x4_as_i16(typingctx, a, b, c, d):
     """The 16 bytes of four uint32 (little-endian, a first), zero-extended to 16 int16 lanes."""
     if not all(isinstance(v, types.Integer) for v in (a, b, c, d)):
@@ -615,6 +646,21 @@ def pairs_i16(typingctx, v, start):
                                       ir.Constant(ir.VectorType(ir.IntType(32), 16), mask))
 
     return I16x16(v, start), codegen
+
+
+@intrinsic
+def twice_i16(typingctx, v, k):
+    """16 int16 lanes: lanes k, k+2, ..., k+14 of v, each twice (k = 0 or 1, a constant): one of
+    the two values of every int32 lane's pair, in both halves of that lane, for madd."""
+    if not (v == I16x16 and isinstance(k, types.IntegerLiteral) and k.literal_value in (0, 1)):
+        return None
+    mask = [2 * (m // 2) + k.literal_value for m in range(16)]
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], ir.Constant(args[0].type, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), 16), mask))
+
+    return I16x16(v, k), codegen
 
 
 @intrinsic

@@ -10,14 +10,17 @@ from pyllm.kernels import asm, cpu
 from pyllm.kernels import simd_model as M
 from pyllm.kernels.amx import repack_q8_0, tile_config
 from pyllm.kernels.simd import (
+    bcast_i16x2,
     load_f16x8,
     load_i8x32,
     load_i16x16,
+    load_u8x8_twice_i16,
     madd,
     maddubs,
     shuffle_bytes,
     sign,
     store,
+    twice_i16,
 )
 
 AVX2 = cpu.isa_supported(cpu.AVX2)
@@ -129,6 +132,27 @@ def _run_madd(a, b, out):
 def _run_f16(h, out):
     for i in range(h.shape[0]):
         store(out[i], 0, load_f16x8(h[i], 0))
+
+
+@njit(cache=True)
+def _run_lane_moves(b, h, twice, pair, odd):
+    store(twice, 0, load_u8x8_twice_i16(b, 3))
+    store(pair, 0, bcast_i16x2(h, 5))
+    store(odd, 0, twice_i16(load_i16x16(h, 0), 1))
+
+
+def test_lane_moves_of_the_interleaved_k_quant_kernels():
+    """The portable lane moves that give each row lane of Q4_Kx8/Q6_Kx8 its scales and the
+    activation's 16-sums, against numpy (unsigned bytes above 127 must not sign-extend)."""
+    rng = np.random.default_rng(5)
+    b = rng.integers(0, 256, size=32).astype(np.uint8)
+    b[4] = 255
+    h = rng.integers(-32768, 32768, size=16).astype(np.int16)
+    twice, pair, odd = (np.zeros(16, np.int16) for _ in range(3))
+    _run_lane_moves(b, h, twice, pair, odd)
+    assert np.array_equal(twice, np.repeat(b[3:11].astype(np.int16), 2))
+    assert np.array_equal(pair, np.tile(h[5:7], 8))
+    assert np.array_equal(odd, np.repeat(h[1::2], 2))
 
 
 @pytest.mark.skipif(not AVX2, reason="this host has no AVX2")

@@ -95,6 +95,17 @@ def _splat(builder, vecty, scalar):
     return builder.shuffle_vector(one, undef, zeros)
 
 
+def _bcast32(vec, align):
+    """Codegen: the 32 bits at element i of an array, in every 32-bit lane of a vec."""
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        w = builder.load(_address(context, builder, sig.args[0], args[0], args[1], i32), align=align)
+        return builder.bitcast(_splat(builder, _llvm(I32x8), w), _llvm(vec))
+
+    return codegen
+
+
 # -- loads and stores (portable) --------------------------------------------------------
 
 
@@ -586,13 +597,7 @@ def bcast_i16x2(typingctx, arr, i):
     """arr[i], arr[i + 1] of an int16 array, repeated in all eight pairs of int16 lanes (vpbroadcastd)."""
     if not (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.layout == "C" and _is_index(i)):
         return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        w = builder.load(_address(context, builder, sig.args[0], args[0], args[1], i32), align=2)
-        return builder.bitcast(_splat(builder, _llvm(I32x8), w), _llvm(I16x16))
-
-    return I16x16(arr, i), codegen
+    return I16x16(arr, i), _bcast32(I16x16, 2)
 
 
 @intrinsic
@@ -692,13 +697,7 @@ def bcast4(typingctx, arr, i):
     """The 4 bytes at element i of a byte array, repeated in all eight 32-bit lanes (vpbroadcastd)."""
     if not (_is_byte_array(arr) and _is_index(i)):
         return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        w = builder.load(_address(context, builder, sig.args[0], args[0], args[1], i32), align=1)
-        return builder.bitcast(_splat(builder, _llvm(I32x8), w), _llvm(I8x32))
-
-    return I8x32(arr, i), codegen
+    return I8x32(arr, i), _bcast32(I8x32, 1)
 
 
 zero_i16 = _zero(I16x16)

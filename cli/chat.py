@@ -441,9 +441,9 @@ def run_command(session: ChatSession, line: str, ui: UI, keys: CtrlC | None = No
 def reply_streaming(session: ChatSession, text: str | None, ui: UI, keys: CtrlC | None = None):
     """Generate one reply (text None: again for the last message), streamed to stdout; with
     keys (a terminal), Ctrl-C stops it."""
-    if session.model.warming:
+    if session.model.compiling:
         ui.note("[waiting for the kernels to compile ...]")
-        session.model.finish_warmup()
+    session.model.finish_warmup()
     if keys is None:
         out = session.reply(text, ui.piece) if text is not None else session.regen(ui.piece)
         ui.piece("\n")
@@ -568,10 +568,10 @@ def main(argv=None) -> int:
     mode = "completion mode" if completion else f"chat template: {template.name}"
     ui.note(f"pyllm chat · {name} · ctx {model.n_ctx} · {mode} · loaded in {load_s + warmup_s:.1f} s · "
             "/help for commands, Ctrl-D to leave", "bold" if color else "default")
-    if model.warming:
+    if model.compiling:
         ui.note(f"[compiling kernels for {model.decoder.kernels} while you type: first run only]")
     rc = repl(session, ui) if interactive else batch(session, ui)
-    if model.warming:  # left before the first reply: let the compile finish into the cache
+    if model.compiling:  # left before the first reply: let the compile finish into the cache
         ui.note("[finishing the kernel compile, so that the next start is quick ...]")
-        model.finish_warmup()
+    model.finish_warmup()
     return rc

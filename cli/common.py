@@ -109,9 +109,8 @@ def max_tokens_from_args(args) -> int:
 
 def load_from_args(args, background: bool = False):
     """Load the model named by -m/-c/-t, timing it; returns (model, load seconds, warm-up seconds).
-    background: the step compiles in a thread (Model.warmup), and the warm-up seconds are those
-    waited for here: up to one second, which a warm cache needs at most, so that only a real
-    compile (first run) goes on behind the caller; model.warming then says so."""
+    background: the weights are packed and the step compiled or loaded in a thread
+    (Model.warmup), behind the caller; the warm-up seconds are then 0."""
     from pyllm.runtime.loader import load
 
     if args.ctx_size < 0:
@@ -124,7 +123,6 @@ def load_from_args(args, background: bool = False):
     t1 = time.perf_counter()
     if background:
         model.warmup(background=True)
-        model.finish_warmup(timeout=1.0)
     else:
         model.warmup(progress=lambda message: print(message, file=sys.stderr, flush=True))
     return model, t1 - t0, time.perf_counter() - t1

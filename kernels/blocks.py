@@ -60,15 +60,17 @@ class BlockType:
     def nbytes(self) -> int:
         return BLOCK_SIZE[self.qtype][1]
 
+    def layout(self, rows: int, level: int):
+        """The id of this type's interleaved layout when its kernel runs on this host at level
+        and `rows` fit it (a multiple of 8); else None (the data stays as it is)."""
+        if self.repack is None or rows % 8 or block_type(self.repack[0]).kernel(level) is None:
+            return None
+        return self.repack[0]
+
     def repacked(self, data, level: int):
-        """(layout id, repacked data) when this type has an interleaved layout whose kernel
-        this host runs at level and the rows fit it (a multiple of 8); else None."""
-        if self.repack is None or data.shape[0] % 8:
-            return None
-        layout, pack = self.repack
-        if block_type(layout).kernel(level) is None:
-            return None
-        return layout, pack(data)
+        """(layout id, data repacked into it) for layout(rows, level); None where there is none."""
+        layout = self.layout(data.shape[0], level)
+        return None if layout is None else (layout, self.repack[1](data))
 
     def kernel(self, level: int):
         """The fastest tile kernel of a level <= level that this host runs, or None (portable).

@@ -30,9 +30,10 @@ Walsh-Hadamard matrix after rope, v before it is stored and the attention output
 
 import copy
 import functools
-import threading
 from collections import namedtuple
+from pathlib import Path
 
+import numba
 import numpy as np
 from numba import literally, njit, prange
 from numba.typed import List
@@ -277,15 +278,10 @@ class Decoder:
         self.y_cols = cols[-1] + hidden
         self.isa = best_isa() if isa is None else isa
         meta = np.zeros((len(mats), 5), np.int64)  # qtype, rows, cols, output column, bias offset
-        W = None
         bias_parts, at = [], 0
         for i, (m, b) in enumerate(zip(mats, biases)):
-            qt, data = int(m.qtype), np.ascontiguousarray(m.data)
-            packed = block_type(qt).repacked(data, self.isa)  # the post-load repack, where it pays
-            if packed is not None:
-                qt, data = packed
-            W = _list_of(_readonly(data)) if W is None else _append(W, _readonly(data))
-            meta[i, :3] = qt, m.rows, m.cols
+            layout = block_type(m.qtype).layout(m.rows, self.isa)  # repacked into it by pack()
+            meta[i, :3] = int(m.qtype) if layout is None else layout, m.rows, m.cols
             meta[i, 3] = cols[i % 7] if i < len(mats) - 1 else 0
             meta[i, 4] = -1
             if b is not None:
@@ -305,8 +301,9 @@ class Decoder:
         jobs += [(m, r, min(r + 4 * JOB_ROWS, output.rows)) for r in range(0, output.rows, 4 * JOB_ROWS)]
         regions[len(layers), 0, 1] = len(jobs)
         self.qtypes = sorted({int(q) for q in meta[:, 0]})
+        self._mats = mats  # until pack()
         self.plan = Plan(
-            W=W, meta=meta, jobs=np.array(jobs, np.int64), regions=regions,
+            W=None, meta=meta, jobs=np.array(jobs, np.int64), regions=regions,
             emb=_readonly(token_embd.data), emb_qt=int(token_embd.qtype),
             norms=np.stack([np.stack([L["attn_norm"], L["ffn_norm"]]) for L in layers]).astype(np.float32),
             out_norm=np.asarray(output_norm, np.float32), bias=np.concatenate(bias_parts or [np.zeros(1, np.float32)]),
@@ -329,6 +326,21 @@ class Decoder:
         self.step = _compiled(*self._key, False, skip)
         self._scratch = None
         self._batch = 0
+
+    def pack(self):
+        """Hand the weights to the step, each repacked into its layout (meta) where it has one:
+        one pass over the weights, their first read from the map (~0.1-0.7 s for SmolLM2). Done
+        once, by compile() or the first call, so that building a Decoder touches no weights."""
+        if self.plan.W is not None:
+            return
+        W = None
+        for i, m in enumerate(self._mats):
+            data = np.ascontiguousarray(m.data)
+            if self.plan.meta[i, 0] != int(m.qtype):
+                data = block_type(m.qtype).repacked(data, self.isa)[1]
+            W = _list_of(_readonly(data)) if W is None else _append(W, _readonly(data))
+        self.plan = self.plan._replace(W=W)
+        self._mats = None
 
     def set_lora(self, deltas: dict):
         """LoRA adapters {base tensor name ("blk.3.attn_q.weight", "output.weight"): [(A (rank, cols),
@@ -358,6 +370,7 @@ class Decoder:
     def without(self, skip: int) -> "Decoder":
         """The same packed model and caches with a step that leaves out parts of the work
         (SKIP_PRODUCTS, SKIP_ATTENTION, SKIP_OTHER): for profiles only."""
+        self.pack()
         d = copy.copy(self)
         d._skip = skip
         d.step = _compiled(*self._key, bool(self.plan.lora[:, 0].any()), skip)
@@ -371,12 +384,10 @@ class Decoder:
     def scratch(self, n: int) -> Scratch:
         """Scratch for batches of up to n tokens, grown (never shrunk) as needed."""
         if n > self._batch:
-            import numba as nb
-
             p = self.plan
             hidden, n_heads, n_kv, head_dim, ff = (int(p.dims[1]), int(p.dims[2]), int(p.dims[3]),
                                                    int(p.dims[4]), int(p.dims[7]))
-            group, n_ctx, threads = n_heads // n_kv, self.k_cache.shape[2], nb.config.NUMBA_NUM_THREADS
+            group, n_ctx, threads = n_heads // n_kv, self.k_cache.shape[2], numba.config.NUMBA_NUM_THREADS
             widest = max(hidden, n_heads * head_dim, ff)
             self._scratch = Scratch(
                 x=np.zeros((n, hidden), np.float32), h=np.zeros((n, hidden), np.float32),
@@ -391,6 +402,7 @@ class Decoder:
 
     def __call__(self, ids: np.ndarray, start: int, all_logits: bool) -> np.ndarray:
         """Run ids (int64) at positions start.. ; logits (len(ids) or 1, vocab)."""
+        self.pack()
         n = len(ids)
         out = np.empty((n if all_logits else 1, self.vocab), np.float32)
         for b in range(0, n, MAX_BATCH):
@@ -400,17 +412,27 @@ class Decoder:
             self.step(chunk, start + b, self.plan, self.scratch(len(chunk)), self.k_cache, self.v_cache, target, mode)
         return out
 
-    def compile(self, progress=None, delay: float = 1.0):
-        """Compile the step now (or load it from Numba's cache) by running one token at
-        position 0. progress(message) is called if that takes longer than `delay` seconds,
-        i.e. when the kernels are really being compiled (first run only)."""
-        timer = None
-        if progress is not None:
-            timer = threading.Timer(delay, progress, args=(f"compiling kernels for {self.kernels}, first run only",))
-            timer.daemon = True
-            timer.start()
+    @property
+    def cached(self) -> bool:
+        """Whether this step is in Numba's cache (for these sources), so that compile() only
+        loads it. Numba has no public way to ask: the first compile leaves a marker beside its
+        cache. Where that cannot be written, every start counts as a first run."""
+        return self._marker().exists()
+
+    def _marker(self) -> Path:
+        key = (*self._key, bool(self.plan.lora[:, 0].any()), self._skip)
+        return Path(numba.config.CACHE_DIR) / "steps" / ("forward-" + "-".join(str(int(k)) for k in key))
+
+    def compile(self, progress=None):
+        """Pack the weights and compile the step (or load it from Numba's cache) by running one
+        token at position 0. progress(message) is called first when the step is not cached
+        (first run only: the compile takes 20-60 s)."""
+        if progress is not None and not self.cached:
+            progress(f"compiling kernels for {self.kernels}, first run only")
+        self(np.zeros(1, np.int64), 0, False)
+        marker = self._marker()
         try:
-            self(np.zeros(1, np.int64), 0, False)
-        finally:
-            if timer is not None:
-                timer.cancel()
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass

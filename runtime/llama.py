@@ -411,13 +411,13 @@ class Model:
         return logits if all_logits else logits[0]
 
     def warmup(self, progress=None, background: bool = False):
-        """Compile (or load from Numba's cache) the model's step now, so that first-token
-        latency measures the model, not the JIT. progress(message) is called when the
-        kernels are really being compiled (an empty cache: first run only).
+        """Pack the weights and compile (or load from Numba's cache) the model's step now, so
+        that first-token latency measures the model, not the JIT. progress(message) is called
+        when the kernels are really being compiled (not in the cache: first run only).
 
-        background: compile in a thread and return at once (the model is packed first, here);
-        the first evaluation waits for it (finish_warmup). A chat compiles while its user
-        types: a first run's 30-40 s of compiling need not all be waited for."""
+        background: do it in a thread and return at once; the first evaluation waits for it
+        (finish_warmup). A chat shows its prompt while the step loads (~1 s) or compiles (a
+        first run's 30-40 s, `compiling`) and its user types."""
         self.finish_warmup()
         decoder = self.decoder
         self.reset()  # the warm-up token overwrites cache position 0
@@ -439,8 +439,13 @@ class Model:
 
     @property
     def warming(self) -> bool:
-        """A background warm-up is still compiling."""
+        """A background warm-up is still running."""
         return self._warming is not None and self._warming[0].is_alive()
+
+    @property
+    def compiling(self) -> bool:
+        """A background warm-up is compiling the step, which was not in the cache (first run)."""
+        return self.warming and not self.decoder.cached
 
     def finish_warmup(self, timeout: float | None = None) -> bool:
         """Wait for a background warm-up (at most timeout seconds); True when none is left.

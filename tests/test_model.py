@@ -55,6 +55,22 @@ def test_background_warmup_error_reaches_the_caller(stories260k):
     assert m.eval([1]).shape == (m.args.vocab_size,)
 
 
+def test_only_a_first_compile_is_announced(stories260k, tmp_path, monkeypatch):
+    """warmup's progress note comes when the step is not in the cache, once: a chat tells its
+    user a 30-40 s compile is going on, and nothing on a warm start."""
+    import numba
+
+    m = pyllm.load(stories260k, n_ctx=64)
+    decoder = m.decoder  # its step's Numba cache is chosen now: only the marker moves to tmp_path
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    assert not decoder.cached
+    said = []
+    m.warmup(progress=said.append)
+    assert said == [f"compiling kernels for {decoder.kernels}, first run only"] and decoder.cached
+    m.warmup(progress=said.append)
+    assert len(said) == 1
+
+
 def _cosines(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 

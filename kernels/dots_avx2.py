@@ -35,6 +35,7 @@ from pyllm.kernels.simd import (
     cvt_f32,
     dpbusd,
     f16_at,
+    f32_at,
     f32_from_bits,
     fmadd,
     hsum_f32,
@@ -42,6 +43,7 @@ from pyllm.kernels.simd import (
     load_bf16x8,
     load_f16x8,
     load_f32x8,
+    load_f32x8_bytes,
     load_i8x16_as_i16,
     load_i8x32,
     load_i16x16,
@@ -697,21 +699,11 @@ def _tiled_pairs(x1, x4, x4x2):
 
 
 @njit(inline="always")
-def _load_f32_bytes(row, i):
-    return load_f32x8(row.view(np.float32), i // 4)
-
-
-@njit(inline="always")
-def _f32_at(row, i):
-    return row.view(np.float32)[i // 4]
-
-
-@njit(inline="always")
 def _bf16_at(row, i):
     return f32_from_bits((np.uint32(row[i]) | (np.uint32(row[i + 1]) << 8)) << 16)
 
 
-mm_f32 = _float(_load_f32_bytes, _f32_at, 4)
+mm_f32 = _float(load_f32x8_bytes, f32_at, 4)
 mm_f16 = _float(load_f16x8, f16_at, 2)
 mm_bf16 = _float(load_bf16x8, _bf16_at, 2)
 

@@ -171,6 +171,33 @@ def load_f32x8(typingctx, arr, i):
 
 
 @intrinsic
+def load_f32x8_bytes(typingctx, arr, i):
+    """8 float32 from byte i of a uint8 array (rows of F32 weights are bytes, as all rows are:
+    a view of each row as float32 in the loop would cost an array object per load)."""
+    if not (_is_byte_array(arr) and _is_index(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt = _llvm(F32x8)
+        return builder.load(_address(context, builder, sig.args[0], args[0], args[1], vt), align=1)
+
+    return F32x8(arr, i), codegen
+
+
+@intrinsic
+def f32_at(typingctx, arr, i):
+    """The float32 at byte i of a uint8 array."""
+    if not (_is_byte_array(arr) and _is_index(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _address(context, builder, sig.args[0], args[0], args[1], ir.FloatType())
+        return builder.load(p, align=1)
+
+    return types.float32(arr, i), codegen
+
+
+@intrinsic
 def store_f32x8(typingctx, arr, i, v):
     if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C" and v == F32x8):
         return None

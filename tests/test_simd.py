@@ -11,7 +11,9 @@ from pyllm.kernels import simd_model as M
 from pyllm.kernels.amx import repack_q8_0, tile_config
 from pyllm.kernels.simd import (
     bcast_i16x2,
+    f32_at,
     load_f16x8,
+    load_f32x8_bytes,
     load_i8x32,
     load_i16x16,
     load_u8x8_twice_i16,
@@ -178,6 +180,21 @@ def test_avx2_instructions_equal_their_models():
     f = np.zeros((100, 8), np.float32)
     _run_f16(halves.view(np.uint8).reshape(100, 16), f)
     assert np.array_equal(f, halves.view(np.float16).astype(np.float32))
+
+
+@njit(cache=True)
+def _run_f32_bytes(b, i, out):
+    store(out, 0, load_f32x8_bytes(b, i))
+    return f32_at(b, i + 32)
+
+
+def test_float32_loads_from_bytes_at_any_offset():
+    """F32 weight rows are bytes like every row: 8 floats (and one) from an odd byte offset."""
+    b = np.frombuffer(np.linspace(-3, 3, 16, dtype=np.float32).tobytes(), np.uint8)  # 64 bytes
+    shifted = np.concatenate([np.zeros(3, np.uint8), b, np.zeros(5, np.uint8)])
+    out = np.zeros(8, np.float32)
+    one = _run_f32_bytes(shifted, 3, out)
+    assert np.array_equal(out, b[:32].view(np.float32)) and one == b[32:36].view(np.float32)[0]
 
 
 def test_sign_model_matches_the_host_or_is_skipped():

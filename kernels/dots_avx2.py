@@ -816,15 +816,11 @@ def _finish_q5_0(wg, o, b, isum, dy, ysum, acc):
     return fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(vsub(isum, splat_i32(16 * ysum[b]))), acc)
 
 
-def _x8_nibbles(size, qoff, sums, extra_of, finish):
-    """Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8 (`size` bytes per block, quant chunks at qoff):
-    sums() the rows' integer sums, extra_of(act, t) the per-block activation term finish()
-    needs (sum(y) for the offset types, Q8_1's s for those with a min)."""
-
-    @njit(inline="always", fastmath=True)
-    def part(wg, b, y, dy, extra, acc):
-        o = size * b
-        return finish(wg, o, b, sums(wg, o + qoff, y, 32 * b), dy, extra, acc)
+def _x8(size, part, extra_of):
+    """The one- and four-token kernels of an 8-row layout (`size` bytes per group and block)
+    against Q8_0/Q8_1 activations: part(wg, b, y, dy, extra, acc) adds block b of the group
+    against one token's quants y, scales dy and extra = extra_of(act, t) (per-block sums or
+    Q8_1's s) into acc, the 8 rows' float32 lanes."""
 
     @njit(inline="always", fastmath=True)
     def x1(wg, act, t, out, col):
@@ -856,9 +852,22 @@ def _x8_nibbles(size, qoff, sums, extra_of, finish):
     return _grouped(x1, x4)
 
 
+def _x8_nibbles(size, qoff, sums, extra_of, finish):
+    """Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8 (`size` bytes per block, quant chunks at qoff):
+    sums() the rows' integer sums, extra_of(act, t) the per-block activation term finish()
+    needs (sum(y) for the offset types, Q8_1's s for those with a min)."""
+
+    @njit(inline="always", fastmath=True)
+    def part(wg, b, y, dy, extra, acc):
+        o = size * b
+        return finish(wg, o, b, sums(wg, o + qoff, y, 32 * b), dy, extra, acc)
+
+    return _x8(size, part, extra_of)
+
+
 def _x8_q8_0(dot_u8s8):
     @njit(inline="always", fastmath=True)
-    def part(wg, b, y, dy, acc):
+    def part(wg, b, y, dy, ysum, acc):  # signed quants: sum(y) is not needed
         o = 272 * b
         isum = zero_i32()
         for j in range(8):
@@ -866,33 +875,7 @@ def _x8_q8_0(dot_u8s8):
             isum = vadd(isum, dot_u8s8(sign(v, v), sign(bcast4(y, 32 * b + 4 * j), v)))
         return fmadd(vmul(load_f16x8(wg, o), splat_f32(dy[b])), cvt_f32(isum), acc)
 
-    @njit(inline="always", fastmath=True)
-    def x1(wg, act, t, out, col):
-        y, dy = act.q8[t], act.d8[t]
-        acc = zero_f32()
-        for b in range(wg.shape[0] // 272):
-            acc = part(wg, b, y, dy, acc)
-        store_f32x8(out[t], col, acc)
-
-    @njit(inline="always", fastmath=True)
-    def x4(wg, act, t, out, col):
-        a0 = zero_f32()
-        a1 = zero_f32()
-        a2 = zero_f32()
-        a3 = zero_f32()
-        y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
-        d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
-        for b in range(wg.shape[0] // 272):
-            a0 = part(wg, b, y0, d0, a0)
-            a1 = part(wg, b, y1, d1, a1)
-            a2 = part(wg, b, y2, d2, a2)
-            a3 = part(wg, b, y3, d3, a3)
-        store_f32x8(out[t], col, a0)
-        store_f32x8(out[t + 1], col, a1)
-        store_f32x8(out[t + 2], col, a2)
-        store_f32x8(out[t + 3], col, a3)
-
-    return _grouped(x1, x4)
+    return _x8(272, part, _y8_of)
 
 
 # NF4x8 (272 bytes per group and 64-value block): d[8] f16 | 8 chunks of 32 bytes, byte 4r+i of
@@ -925,36 +908,7 @@ def _nf4x8_part(wg, b, y, dy, ysum, acc):
     return fmadd(vmul(d, splat_f32(dy[2 * b + 1])), cvt_f32(hi_sum), acc)
 
 
-@njit(inline="always", fastmath=True)
-def _nf4x8_x1(wg, act, t, out, col):
-    y, dy, ysum = act.q8[t], act.d8[t], act.y8[t]
-    acc = zero_f32()
-    for b in range(wg.shape[0] // 272):
-        acc = _nf4x8_part(wg, b, y, dy, ysum, acc)
-    store_f32x8(out[t], col, acc)
-
-
-@njit(inline="always", fastmath=True)
-def _nf4x8_x4(wg, act, t, out, col):
-    a0 = zero_f32()
-    a1 = zero_f32()
-    a2 = zero_f32()
-    a3 = zero_f32()
-    y0, y1, y2, y3 = act.q8[t], act.q8[t + 1], act.q8[t + 2], act.q8[t + 3]
-    d0, d1, d2, d3 = act.d8[t], act.d8[t + 1], act.d8[t + 2], act.d8[t + 3]
-    s0, s1, s2, s3 = act.y8[t], act.y8[t + 1], act.y8[t + 2], act.y8[t + 3]
-    for b in range(wg.shape[0] // 272):  # inlined, the four share the weight loads and lookups
-        a0 = _nf4x8_part(wg, b, y0, d0, s0, a0)
-        a1 = _nf4x8_part(wg, b, y1, d1, s1, a1)
-        a2 = _nf4x8_part(wg, b, y2, d2, s2, a2)
-        a3 = _nf4x8_part(wg, b, y3, d3, s3, a3)
-    store_f32x8(out[t], col, a0)
-    store_f32x8(out[t + 1], col, a1)
-    store_f32x8(out[t + 2], col, a2)
-    store_f32x8(out[t + 3], col, a3)
-
-
-mm_nf4x8 = _grouped(_nf4x8_x1, _nf4x8_x4)
+mm_nf4x8 = _x8(272, _nf4x8_part, _y8_of)
 
 
 def repack_nf4x8(data):

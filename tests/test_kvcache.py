@@ -84,7 +84,7 @@ def reference_attention(y, q_col, n, keys, values, start, type_k, type_v, n_head
 
 # -- the kernels -------------------------------------------------------------------------------
 
-N_HEADS, N_KV, HD, N_CTX = 4, 2, 64, 40
+N_HEADS, N_KV, HD, N_CTX = 4, 2, 64, 43  # not a multiple of 8: the last keys have no 8-row block
 
 
 def _data(seed=3):
@@ -137,8 +137,11 @@ def test_attention_matches_float64_reference(type_k, type_v):
     group, threads = N_HEADS // N_KV, numba.config.NUMBA_NUM_THREADS
     rng = np.random.default_rng(5)
     q_col = 16
-    for start, n in ((19, 5), (23, 1)):  # a batch (keys 20..24, 8-key blocks and tails), one token
+    # a batch (keys 20..24: 8-key blocks and tails), one token, a batch at the end of the cache
+    for start, n in ((19, 5), (23, 1), (38, 5)):
         kc, vc = _caches(type_k, type_v, keys, values, start + n)
+        kc[:, start + n:] = 0xFF  # rows not stored yet hold anything (NaN in f16 and fp8): never used
+        vc[:, start + n:] = 0xFF
         y = rng.standard_normal((n, q_col + N_HEADS * HD)).astype(np.float32)
         ref = reference_attention(y, q_col, n, keys, values, start, type_k, type_v, N_HEADS, N_KV, HD)
         for name, kernel, with_accs in _attention_kernels():

@@ -663,12 +663,77 @@ def _float(load, scalar, width):
         out[t + 2, r + 1] = sb2
         out[t + 3, r + 1] = sb3
 
-    return _tiled_pairs(x1, x4, x4x2)
+    @njit(inline="always", fastmath=True)
+    def x4x3(ra, rb, rc, act, t, out, r):
+        """x4 for rows r, r + 1, r + 2 at once: 12 accumulators, 12 FMAs per 3 weight and 4 token
+        loads (x4x2: 8 per 2 and 4), in x4's order per (row, token), so x4's results bit for bit."""
+        x0, x1_, x2, x3 = act.xf[t], act.xf[t + 1], act.xf[t + 2], act.xf[t + 3]
+        a0 = zero_f32()
+        a1 = zero_f32()
+        a2 = zero_f32()
+        a3 = zero_f32()
+        b0 = zero_f32()
+        b1 = zero_f32()
+        b2 = zero_f32()
+        b3 = zero_f32()
+        c0 = zero_f32()
+        c1 = zero_f32()
+        c2 = zero_f32()
+        c3 = zero_f32()
+        n = ra.shape[0] // width
+        j = 0
+        while j + 8 <= n:
+            wa = load(ra, width * j)
+            wb = load(rb, width * j)
+            wc = load(rc, width * j)
+            v = load_f32x8(x0, j)
+            a0 = fmadd(wa, v, a0)
+            b0 = fmadd(wb, v, b0)
+            c0 = fmadd(wc, v, c0)
+            v = load_f32x8(x1_, j)
+            a1 = fmadd(wa, v, a1)
+            b1 = fmadd(wb, v, b1)
+            c1 = fmadd(wc, v, c1)
+            v = load_f32x8(x2, j)
+            a2 = fmadd(wa, v, a2)
+            b2 = fmadd(wb, v, b2)
+            c2 = fmadd(wc, v, c2)
+            v = load_f32x8(x3, j)
+            a3 = fmadd(wa, v, a3)
+            b3 = fmadd(wb, v, b3)
+            c3 = fmadd(wc, v, c3)
+            j += 8
+        sa = (hsum_f32(a0), hsum_f32(a1), hsum_f32(a2), hsum_f32(a3))
+        sb = (hsum_f32(b0), hsum_f32(b1), hsum_f32(b2), hsum_f32(b3))
+        sc = (hsum_f32(c0), hsum_f32(c1), hsum_f32(c2), hsum_f32(c3))
+        sa0, sa1, sa2, sa3 = sa
+        sb0, sb1, sb2, sb3 = sb
+        sc0, sc1, sc2, sc3 = sc
+        while j < n:
+            wa1, wb1, wc1 = scalar(ra, width * j), scalar(rb, width * j), scalar(rc, width * j)
+            sa0 += wa1 * x0[j]
+            sa1 += wa1 * x1_[j]
+            sa2 += wa1 * x2[j]
+            sa3 += wa1 * x3[j]
+            sb0 += wb1 * x0[j]
+            sb1 += wb1 * x1_[j]
+            sb2 += wb1 * x2[j]
+            sb3 += wb1 * x3[j]
+            sc0 += wc1 * x0[j]
+            sc1 += wc1 * x1_[j]
+            sc2 += wc1 * x2[j]
+            sc3 += wc1 * x3[j]
+            j += 1
+        out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = sa0, sa1, sa2, sa3
+        out[t, r + 1], out[t + 1, r + 1], out[t + 2, r + 1], out[t + 3, r + 1] = sb0, sb1, sb2, sb3
+        out[t, r + 2], out[t + 1, r + 2], out[t + 2, r + 2], out[t + 3, r + 2] = sc0, sc1, sc2, sc3
+
+    return _tiled_rows(x1, x4, x4x2, x4x3)
 
 
-def _tiled_pairs(x1, x4, x4x2):
-    """_tiled, with rows two at a time through x4x2 where a token block has four tokens or
-    more (prefill); one-token products (decode) take x1 row by row, as in _tiled."""
+def _tiled_rows(x1, x4, x4x2, x4x3):
+    """_tiled, with rows three at a time through x4x3 (then two, then one) where a token block
+    has four tokens or more (prefill); one-token products (decode) take x1 row by row."""
 
     @njit(fastmath=True)
     def mm(w, r0, r1, act, t0, t1, out, oc):
@@ -677,25 +742,24 @@ def _tiled_pairs(x1, x4, x4x2):
             r = r0
             while r < r1:
                 t = b0
-                if r + 2 <= r1 and b1 - b0 >= 4:
-                    while t + 4 <= b1:
+                left = r1 - r  # threes, but 4 = 2 + 2 (a 16-row job: 3 + 3 + 3 + 3 + 2 + 2)
+                step = 1 if b1 - b0 < 4 else (2 if left == 4 else min(3, left))
+                while t + 4 <= b1:
+                    if step == 3:
+                        x4x3(w[r], w[r + 1], w[r + 2], act, t, out, oc + r)
+                    elif step == 2:
                         x4x2(w[r], w[r + 1], act, t, out, oc + r)
-                        t += 4
-                    while t < b1:
-                        out[t, oc + r] = x1(w[r], act, t)
-                        out[t, oc + r + 1] = x1(w[r + 1], act, t)
-                        t += 1
-                    r += 2
-                else:
-                    while t + 4 <= b1:
+                    else:
                         x4(w[r], act, t, out, oc + r)
-                        t += 4
-                    while t < b1:
-                        out[t, oc + r] = x1(w[r], act, t)
-                        t += 1
-                    r += 1
+                    t += 4
+                while t < b1:
+                    for k in range(step):
+                        out[t, oc + r + k] = x1(w[r + k], act, t)
+                    t += 1
+                r += step
 
     return mm
+
 
 
 @njit(inline="always")

